@@ -1,0 +1,33 @@
+# `make run` and `make test` do all the set-up themselves on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: run test smoke clean
+
+## run: create .venv, install cnnlab and train the default experiment (LeNet on Fashion-MNIST)
+run: $(VENV)/.installed
+	$(PY) -m cnnlab $(ARGS)
+
+## test: create .venv with the dev extras and run the test suite
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q $(ARGS)
+
+## smoke: a tiny synthetic-data run, seconds on CPU
+smoke: $(VENV)/.installed
+	$(PY) -m cnnlab +debug=smoke $(ARGS)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
