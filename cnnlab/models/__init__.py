@@ -1,0 +1,106 @@
+"""Model registry: every family registers a builder and a config schema under each of its names.
+
+    cfg = typed_group("model", user_node)  # cnnlab.config: merge into schema_for(name), validate
+    model = build_model(cfg, in_channels=3, num_classes=10, input_size=(32, 32))
+
+Builders get the dataset's shape, so every layer size is known at construction (no Lazy modules):
+parameter counts and weight init are right before the first forward pass.
+"""
+# No `from __future__ import annotations` here: OmegaConf reads the schema's field types at runtime.
+from collections.abc import Callable
+from dataclasses import dataclass, is_dataclass
+from typing import Any
+
+from torch import nn
+
+from cnnlab.checks import ConfigError, check_choice, check_range
+from cnnlab.models.layers import ACTIVATIONS, INIT_SCHEMES, check_input_size, init_weights
+
+Builder = Callable[..., nn.Module]  # fn(cfg, in_channels, num_classes, input_size) -> nn.Module
+
+_REGISTRY: dict[str, tuple[Builder, type["ModelConfig"]]] = {}
+
+
+@dataclass
+class ModelConfig:
+    """Keys every model accepts; a family's schema subclasses this and adds its own."""
+
+    name: str = "???"  # registered model name; "???" is OmegaConf's "must be given"
+    activation: str = "relu"  # relu|leaky_relu|sigmoid|tanh|silu|swish|gelu (swish == silu)
+    dropout: float = 0.0  # drop probability, in [0, 1)
+    batch_norm: bool = True
+    init: str = "kaiming"  # kaiming|pytorch_default
+
+    def validate(self, prefix: str = "model") -> None:
+        """Raise ConfigError naming f"{prefix}.<key>" and what is allowed. Subclasses call super()."""
+        check_choice(f"{prefix}.name", self.name, available())
+        check_choice(f"{prefix}.activation", self.activation, ACTIVATIONS)
+        check_range(f"{prefix}.dropout", self.dropout, 0.0, 1.0, high_inclusive=False)
+        check_choice(f"{prefix}.batch_norm", self.batch_norm, (True, False))
+        check_choice(f"{prefix}.init", self.init, INIT_SCHEMES)
+
+
+def register(name: str, schema: type[ModelConfig]) -> Callable[[Builder], Builder]:
+    """Decorator: register `builder(cfg, in_channels, num_classes, input_size)` under `name`."""
+    if not (isinstance(schema, type) and issubclass(schema, ModelConfig) and is_dataclass(schema)):
+        raise TypeError(f"schema for {name!r} must be a dataclass subclass of ModelConfig, got {schema!r}")
+
+    def decorator(builder: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = (builder, schema)
+        return builder
+
+    return decorator
+
+
+def available() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def schema_for(name: str) -> type[ModelConfig]:
+    """The config dataclass of model `name`; ConfigError listing the valid names otherwise."""
+    check_choice("model.name", name, available())
+    return _REGISTRY[name][1]
+
+
+def build_model(
+    cfg: ModelConfig, in_channels: int, num_classes: int, input_size: tuple[int, int]
+) -> nn.Module:
+    """Validate cfg, build the model for (in_channels, input_size) images and num_classes, init it.
+
+    Raises ConfigError for bad config values and for inputs too small for the model (naming the minimum).
+    """
+    cfg.validate()
+    builder, schema = _REGISTRY[cfg.name]
+    if not isinstance(cfg, schema):
+        # A programming error (wrong dataclass), not bad user input.
+        raise TypeError(f"model {cfg.name!r} needs a {schema.__name__}, got {type(cfg).__name__}")
+    check_range("in_channels", in_channels, 1)
+    check_range("num_classes", num_classes, 1)
+    input_size = check_input_size(input_size)
+    model = builder(cfg, in_channels, num_classes, input_size)
+    init_weights(model, cfg.init, cfg.activation)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts; shared parameters are counted once."""
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return total, trainable
+
+
+# Importing the families registers them; at the bottom because they import register/ModelConfig from here.
+from cnnlab.models import lenet, resnet, vgg  # noqa: E402,F401
+
+__all__ = [
+    "ModelConfig",
+    "available",
+    "build_model",
+    "count_parameters",
+    "register",
+    "schema_for",
+]
