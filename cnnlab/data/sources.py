@@ -1,0 +1,305 @@
+"""Reading the datasets' original files from disk, and downloading them with torchvision.
+
+Everything here turns files into uint8 numpy/torch arrays in one pass (np.frombuffer, no
+per-sample Python). Every problem a user can fix (missing folder, truncated download, wrong
+file) becomes a ConfigError that names the file or folder and says what to do.
+"""
+from __future__ import annotations
+
+import gzip
+import pickle
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnlab.checks import ConfigError
+
+# --------------------------------------------------------------------------- MNIST-style idx
+
+IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+_IDX_IMAGES_MAGIC = 2051  # 0x00000803: uint8, 3 dims
+_IDX_LABELS_MAGIC = 2049  # 0x00000801: uint8, 1 dim
+
+# Where each idx dataset's files are looked for: torchvision's layout under root, then system copies.
+IDX_LAYOUT = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}  # root/<this>/raw
+SYSTEM_DIRS: dict[str, list[Path]] = {
+    "mnist": [],
+    "fashion_mnist": [Path("/usr/share/datasets/fashion-mnist")],  # Debian's fashion-mnist package
+}
+
+
+@dataclass
+class RawData:
+    train_images: torch.Tensor  # uint8 [N, C, H, W]
+    train_labels: torch.Tensor  # int64 [N]
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: tuple[str, ...] | None = None  # from a meta file, when the dataset ships one
+
+
+def _corrupted(path: Path, why: str, fix: str) -> ConfigError:
+    return ConfigError(f"{path} is corrupted ({why}). {fix}")
+
+
+def _idx_file(folder: Path, name: str) -> Path | None:
+    """The file `name` or `name.gz` in folder; the uncompressed one first (faster to read)."""
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_bytes(path: Path, fix: str) -> bytes:
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":  # gzip magic: decide by content, not by file name
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise _corrupted(path, f"bad gzip data: {exc}", fix) from None
+    return data
+
+
+def read_idx(path: Path, kind: str, fix: str = "") -> np.ndarray:
+    """Parse an idx file (gzipped or not). kind: "images" → uint8 [N, 1, H, W]; "labels" → uint8 [N]."""
+    fix = fix or f"Delete {path} and download it again."
+    data = _read_bytes(path, fix)
+    magic, ndim = (_IDX_IMAGES_MAGIC, 3) if kind == "images" else (_IDX_LABELS_MAGIC, 1)
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise _corrupted(path, f"only {len(data)} bytes, shorter than the idx header", fix)
+    found = int.from_bytes(data[:4], "big")
+    if found != magic:
+        raise _corrupted(
+            path, f"bad magic number {found:#010x}, expected {magic:#010x} for idx {kind}", fix
+        )
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims))
+    if len(data) != expected:
+        raise _corrupted(
+            path, f"{len(data)} bytes, expected {expected} for {' x '.join(map(str, dims))} values", fix
+        )
+    array = np.frombuffer(data, dtype=np.uint8, offset=header)
+    return array.reshape(dims[0], 1, dims[1], dims[2]) if kind == "images" else array
+
+
+def idx_search_dirs(name: str, root: Path) -> list[Path]:
+    return [root, root / IDX_LAYOUT[name] / "raw", *SYSTEM_DIRS.get(name, [])]
+
+
+def _find_idx_dir(name: str, root: Path) -> tuple[Path | None, list[str]]:
+    """First folder holding all four files; else notes on folders that hold only some."""
+    partial = []
+    for folder in idx_search_dirs(name, root):
+        found = [f for f in IDX_FILES if _idx_file(folder, f) is not None]
+        if len(found) == len(IDX_FILES):
+            return folder, partial
+        if found:
+            missing = [f for f in IDX_FILES if f not in found]
+            partial.append(f"{folder} has {', '.join(found)} but lacks {', '.join(missing)}")
+    return None, partial
+
+
+def load_idx_dataset(name: str, root: Path, download: bool) -> RawData:
+    """mnist / fashion_mnist from the four idx files; download with torchvision if allowed."""
+    folder, partial = _find_idx_dir(name, root)
+    download_error = None
+    if folder is None and download:
+        try:
+            _torchvision_download(name, root)
+        except Exception as exc:  # no network, HTTP error, bad checksum: all end in the same advice
+            download_error = _one_line(exc)
+        folder, partial = _find_idx_dir(name, root)
+    if folder is None:
+        raw_dir = root / IDX_LAYOUT[name] / "raw"
+        places = " or ".join(str(p) for p in idx_search_dirs(name, root))
+        msg = [f"dataset {name}: its four idx files were not found (looked in {places})."]
+        msg += [f"Note: {p}." for p in partial]
+        if download_error:
+            msg.append(f"Downloading them with torchvision into {raw_dir} failed: {download_error}.")
+        msg.append(
+            f"Put {', '.join(IDX_FILES)} (each may be gzipped, with .gz) into {root} "
+            f"(dataset.root) or {raw_dir}"
+        )
+        msg[-1] += (
+            ", e.g. copied from a machine with internet."
+            if download
+            else ", or set dataset.download=true to download them with torchvision (needs internet)."
+        )
+        raise ConfigError(" ".join(msg))
+    fix = (
+        f"Delete it and download it again (dataset.download=true downloads into "
+        f"{root / IDX_LAYOUT[name] / 'raw'})."
+    )
+    if folder in SYSTEM_DIRS.get(name, []):
+        fix = (
+            f"It is a system copy: reinstall the package that provides {folder}, or put good "
+            f"copies of the four files into {root} (dataset.root)."
+        )
+    paths = [_idx_file(folder, f) for f in IDX_FILES]
+    arrays = [read_idx(p, "images" if "images" in p.name else "labels", fix) for p in paths]
+    train_x, train_y, test_x, test_y = arrays
+    for images, labels, ip, lp in ((train_x, train_y, paths[0], paths[1]), (test_x, test_y, paths[2], paths[3])):
+        if len(images) != len(labels):
+            raise ConfigError(
+                f"dataset {name}: {ip} holds {len(images)} images but {lp} holds {len(labels)} labels; "
+                f"one of them is corrupted or from another dataset. {fix}"
+            )
+    return RawData(
+        torch.from_numpy(train_x.copy()),
+        torch.from_numpy(train_y.astype(np.int64)),
+        torch.from_numpy(test_x.copy()),
+        torch.from_numpy(test_y.astype(np.int64)),
+    )
+
+
+# --------------------------------------------------------------------------- CIFAR pickles
+
+CIFAR = {
+    "cifar10": {
+        "folder": "cifar-10-batches-py",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "meta": "batches.meta",
+        "labels_key": b"labels",
+        "names_key": b"label_names",
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    },
+    "cifar100": {
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "meta": "meta",
+        "labels_key": b"fine_labels",
+        "names_key": b"fine_label_names",
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    },
+}
+
+# A CIFAR pickle holds dicts, lists, bytes and numpy arrays; refuse anything else, so a
+# stray or malicious file in dataset.root cannot run code when it is unpickled.
+_NUMPY_GLOBALS = {"_reconstruct", "_frombuffer", "ndarray", "dtype", "scalar"}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        numpy_ok = module.split(".")[0] == "numpy" and name in _NUMPY_GLOBALS
+        if numpy_ok or (module, name) == ("_codecs", "encode"):  # python3 protocol-2 bytes
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a CIFAR file")
+
+
+def _unpickle(path: Path, fix: str) -> dict:
+    try:
+        with path.open("rb") as f:
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            AttributeError, ImportError, MemoryError, OverflowError) as exc:
+        raise _corrupted(path, f"cannot be unpickled: {type(exc).__name__}: {exc}", fix) from None
+    if not isinstance(obj, dict):
+        raise _corrupted(path, f"holds a {type(obj).__name__}, not a dict", fix)
+    return obj
+
+
+def _get(d: dict, key: bytes):
+    """CIFAR keys are bytes (python2 pickles); accept str keys from re-saved files too."""
+    return d[key] if key in d else d.get(key.decode())
+
+
+def _cifar_batch(path: Path, labels_key: bytes, fix: str) -> tuple[np.ndarray, np.ndarray]:
+    batch = _unpickle(path, fix)
+    data, labels = _get(batch, b"data"), _get(batch, labels_key)
+    if data is None or labels is None:
+        raise _corrupted(path, f"no b'data' or {labels_key!r} entry; keys: {list(batch)[:6]}", fix)
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise _corrupted(path, f"data is {data.dtype} {data.shape}, expected uint8 N x 3072", fix)
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (len(data),):
+        raise _corrupted(path, f"{len(data)} images but {labels.size} labels", fix)
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar(name: str, root: Path, download: bool) -> RawData:
+    info = CIFAR[name]
+    folder = root / info["folder"]
+    required = info["train"] + info["test"]
+
+    def missing() -> list[str]:
+        return [f for f in required if not (folder / f).is_file()]
+
+    download_error = None
+    if missing() and download:
+        try:
+            _torchvision_download(name, root)
+        except Exception as exc:
+            download_error = _one_line(exc)
+    if missing():
+        files = ", ".join(required) + f" (and {info['meta']} for class names)"
+        state = (
+            f"{folder} lacks {', '.join(missing())}"
+            if folder.is_dir()
+            else f"folder {folder} does not exist"
+        )
+        msg = f"dataset {name}: {state}. It must hold {files}. "
+        if download_error:
+            msg += f"Downloading {info['url']} with torchvision failed: {download_error}. "
+        if download:
+            msg += f"Download {info['url']} yourself and extract it into {root} (dataset.root)."
+        else:
+            msg += (
+                f"Set dataset.download=true to download {info['url']} with torchvision, "
+                f"or download and extract it into {root} (dataset.root) yourself."
+            )
+        raise ConfigError(msg)
+    fix = (
+        f"Delete {folder} (and {root / Path(info['url']).name} if present) and download again "
+        f"with dataset.download=true."
+    )
+    parts = {
+        split: [_cifar_batch(folder / f, info["labels_key"], fix) for f in info[split]]
+        for split in ("train", "test")
+    }
+    classes = None
+    meta_path = folder / info["meta"]
+    if meta_path.is_file():
+        names = _get(_unpickle(meta_path, fix), info["names_key"])
+        if names is None:
+            raise _corrupted(meta_path, f"no {info['names_key']!r} entry", fix)
+        classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    # torch.from_numpy on one concatenated array: a single copy of the pixels.
+    def cat(split: str, i: int) -> torch.Tensor:
+        arrays = [p[i] for p in parts[split]]
+        return torch.from_numpy(np.ascontiguousarray(np.concatenate(arrays) if len(arrays) > 1 else arrays[0]))
+
+    return RawData(cat("train", 0), cat("train", 1), cat("test", 0), cat("test", 1), classes)
+
+
+# --------------------------------------------------------------------------- download
+
+
+def _one_line(exc: Exception) -> str:
+    """torchvision's download errors span lines; a ConfigError is printed as one paragraph."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split()).rstrip(". ")
+
+
+def _torchvision_download(name: str, root: Path) -> None:
+    """Download (and extract) with torchvision's own dataset classes; the files then lie where
+    the readers above look: root/MNIST/raw, root/FashionMNIST/raw, root/cifar-10-batches-py, ..."""
+    import torchvision.datasets as tvd  # imported only here: slow to import, not needed otherwise
+
+    cls = {
+        "mnist": tvd.MNIST,
+        "fashion_mnist": tvd.FashionMNIST,
+        "cifar10": tvd.CIFAR10,
+        "cifar100": tvd.CIFAR100,
+    }[name]
+    root.mkdir(parents=True, exist_ok=True)
+    cls(str(root), train=True, download=True)  # one archive / file set holds both splits
