@@ -1,0 +1,107 @@
+"""The validated run configuration.
+
+Hydra composes the YAML groups in conf/; `validate` merges each group into the structured
+schema (a dataclass) registered for its `name`, so unknown keys and wrong types fail with the
+key's full name, and then runs each schema's range checks. All of it happens before any data
+is loaded or any model trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cnnlab import losses, models, optim
+from cnnlab.checks import ConfigError, check_choice, check_range
+from cnnlab.data import DatasetConfig
+from cnnlab.data import schema_for as dataset_schema
+from cnnlab.data.augment import AugmentationConfig
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 5
+    batch_size: int = 64
+    eval_batch_size: int = 1024
+    device: str = "auto"
+    seed: int = 0
+    precision: str = "fp32"
+    channels_last: bool = False
+    num_threads: Optional[int] = None
+    progress: bool = True
+
+    def validate(self, prefix: str = "trainer") -> None:
+        check_range(f"{prefix}.epochs", self.epochs, 1)
+        check_range(f"{prefix}.batch_size", self.batch_size, 1)
+        check_range(f"{prefix}.eval_batch_size", self.eval_batch_size, 1)
+        check_choice(f"{prefix}.device", self.device, DEVICES)
+        check_range(f"{prefix}.seed", self.seed, 0)
+        check_choice(f"{prefix}.precision", self.precision, PRECISIONS)
+        if self.num_threads is not None:
+            check_range(f"{prefix}.num_threads", self.num_threads, 1)
+
+
+@dataclass
+class RunConfig:
+    model: models.ModelConfig
+    dataset: DatasetConfig
+    optimizer: optim.OptimizerConfig
+    scheduler: optim.SchedulerConfig
+    loss: losses.LossConfig
+    augmentation: AugmentationConfig
+    trainer: TrainerConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# group -> (name -> schema); the trainer has a single schema
+SCHEMAS: dict[str, Callable[[str], type]] = {
+    "model": models.schema_for,
+    "dataset": dataset_schema,
+    "optimizer": optim.optimizer_schema,
+    "scheduler": optim.scheduler_schema,
+    "loss": losses.loss_schema,
+    "augmentation": lambda name: AugmentationConfig,
+    "trainer": lambda name: TrainerConfig,
+}
+
+
+def typed_group(group: str, node: Any) -> Any:
+    """Merge one group's node (a DictConfig or dict) into the schema of its `name` and validate it.
+
+    OmegaConf's type and unknown-key errors become ConfigErrors naming the full key.
+    """
+    schema = SCHEMAS[group](node.get("name") if group != "trainer" else None)
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    except OmegaConfBaseException as err:
+        key = f"{group}.{err.full_key}" if err.full_key else group
+        reason = str(err).splitlines()[0]
+        valid = ", ".join(f.name for f in dataclasses.fields(schema))
+        raise ConfigError(f"{key}: {reason}. Valid keys of {group} '{getattr(node, 'name', group)}': {valid}") from None
+    obj.validate(group)
+    return obj
+
+
+def validate(cfg: DictConfig) -> RunConfig:
+    """Check every group of a composed config and return it as typed dataclasses."""
+    unknown = sorted(set(cfg.keys()) - set(SCHEMAS))
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(SCHEMAS)}")
+    missing = [g for g in SCHEMAS if g not in cfg]
+    if missing:
+        raise ConfigError(f"config group(s) {', '.join(missing)} missing; select one, e.g. {missing[0]}=...")
+    run = RunConfig(**{group: typed_group(group, cfg[group]) for group in SCHEMAS})
+    if run.scheduler.warmup_epochs >= run.trainer.epochs:
+        raise ConfigError(
+            f"scheduler.warmup_epochs={run.scheduler.warmup_epochs} must be shorter than trainer.epochs={run.trainer.epochs}"
+        )
+    return run
