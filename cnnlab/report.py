@@ -1,0 +1,93 @@
+"""What a run writes into its directory: metrics, summary, confusion matrix and plots."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on servers and in CI without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from cnnlab.checkpoint import write_json  # noqa: E402
+
+METRIC_COLUMNS = (
+    "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second",
+)
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    """Append one epoch to metrics.csv, flushed at once so a crashed run keeps its history."""
+    path = run_dir / "metrics.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    write_json(run_dir / "summary.json", summary)
+
+
+def write_confusion(run_dir: Path, matrix: np.ndarray, classes: Sequence[str]) -> None:
+    """confusion_matrix.csv/.png (rows: true class, columns: predicted) and per_class_accuracy.csv."""
+    frame = pd.DataFrame(matrix, index=pd.Index(classes, name="true"), columns=list(classes))
+    frame.to_csv(run_dir / "confusion_matrix.csv")
+
+    totals = matrix.sum(axis=1)
+    correct = np.diag(matrix)
+    per_class = pd.DataFrame(
+        {
+            "class": list(classes),
+            "correct": correct,
+            "total": totals,
+            "accuracy": np.divide(correct, totals, out=np.zeros(len(classes)), where=totals > 0),
+        }
+    )
+    per_class.to_csv(run_dir / "per_class_accuracy.csv", index=False)
+
+    k = len(classes)
+    size = min(max(6, 0.45 * k), 30)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    rates = matrix / np.maximum(totals[:, None], 1)  # colour by row rate, so rare classes stay visible
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    ax.set_xticks(range(k), classes, rotation=90 if k > 10 else 45, ha="right" if k <= 10 else "center")
+    ax.set_yticks(range(k), classes)
+    ax.tick_params(labelsize=max(4, 10 - k // 15))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 20:  # counts are readable only for small matrices
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_title(f"Test confusion matrix ({int(matrix.sum())} images, accuracy {correct.sum() / max(matrix.sum(), 1):.2%})")
+    fig.tight_layout()
+    fig.savefig(run_dir / "confusion_matrix.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(run_dir: Path, title: str = "") -> None:
+    """curves.png: loss and accuracy against epoch, train and val, from metrics.csv."""
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            column = f"{split}_{metric}"
+            if metrics[column].notna().any():
+                ax.plot(metrics["epoch"], metrics[column], style, label=split, markersize=3)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy" if metric == "acc" else "loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=120)
+    plt.close(fig)
