@@ -32,14 +32,20 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         summary = fit(validate(cfg), run_dir, overrides)
-    except ConfigError as err:
-        log.error("%s", err)
+    except Exception as err:
         if not (run_dir / "summary.json").exists():  # fit() records its own failures
-            write_summary(run_dir, {"status": "failed", "error": f"ConfigError: {err}", "overrides": overrides})
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # the job is marked failed; the sweep's other jobs still run
+            write_summary(run_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}", "overrides": overrides})
+        if isinstance(err, ConfigError):
+            log.error("%s", err)  # bad input: one clear message, no traceback
+        elif multirun:
+            log.exception("job failed")
+        else:
+            raise  # a bug, not bad input: keep the traceback
+        if multirun:
+            return None  # recorded in summary.json; the other jobs run, SweepStatus reports it
         sys.exit(2)
     log.info("run directory: %s", run_dir.resolve())
     return summary.get("best_val_acc")  # the value a sweeper would optimise

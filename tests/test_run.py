@@ -138,3 +138,73 @@ def test_lenet_on_real_fashion_mnist_reaches_85_percent_in_one_epoch(tmp_path, e
     assert summary["train_size"] == 54000 and summary["val_size"] == 6000
     assert summary["test_acc"] >= 0.85
     assert math.isfinite(summary["test_loss"])
+
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def test_vgg11_on_cifar10_files_in_the_real_format(tmp_path):
+    from test_data import write_cifar10
+
+    root = tmp_path / "data"
+    write_cifar10(root, per_batch=40, n_test=50, meta_names=CIFAR10_NAMES)
+    run_dir = tmp_path / "run"
+    result = run_cnnlab("model=vgg11", "dataset=cifar10", f"dataset.root={root}", "dataset.download=false",
+                        "augmentation=cifar", "model.classifier_width=64", "trainer.epochs=2",
+                        "trainer.batch_size=32", "trainer.device=cpu", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = check_run_dir(run_dir, epochs=2, test_size=50, classes=CIFAR10_NAMES)
+    assert summary["train_size"] + summary["val_size"] == 200
+    assert summary["input_shape"] == [3, 32, 32]
+
+
+def test_resnet18_on_cifar100_files_in_the_real_format(tmp_path):
+    from test_data import CIFAR100_CLASSES, write_cifar100
+
+    root = tmp_path / "data"
+    write_cifar100(root, n_train=200, n_test=100)
+    run_dir = tmp_path / "run"
+    result = run_cnnlab("model=resnet18", "dataset=cifar100", f"dataset.root={root}", "dataset.download=false",
+                        "dataset.val_split=20", "trainer.epochs=1", "trainer.batch_size=32", "trainer.device=cpu",
+                        f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = check_run_dir(run_dir, epochs=1, test_size=100, classes=list(CIFAR100_CLASSES))
+    assert (summary["train_size"], summary["val_size"], summary["num_classes"]) == (180, 20, 100)
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_cnnlab("-m", "+debug=smoke", "optimizer.lr=0.05,-1,0.01", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    assert result.returncode != 0  # the sweep reports the failure at the end
+    statuses = {}
+    for path in sweep_dir.glob("*/summary.json"):
+        summary = json.loads(path.read_text())
+        statuses[summary["overrides"][-1]] = summary["status"]
+        if summary["status"] == "completed":
+            check_run_dir(path.parent, epochs=2, test_size=128)
+        else:
+            assert "optimizer.lr" in summary["error"]
+    assert statuses == {"optimizer.lr=0.05": "completed", "optimizer.lr=-1": "failed", "optimizer.lr=0.01": "completed"}
+
+
+def test_installed_package_runs_from_any_directory(tmp_path):
+    """pip install . (not editable) ships conf/ inside the package; run from an unrelated directory."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(repo)], check=True, capture_output=True, timeout=300)
+    assert (target / "cnnlab" / "conf" / "config.yaml").is_file()
+    assert (target / "cnnlab" / "conf" / "model" / "vgg11.yaml").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run_dir = elsewhere / "run"
+    result = run_cnnlab("+debug=smoke", "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=elsewhere,
+                        env={"PYTHONPATH": str(target)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    hydra_cfg = (run_dir / ".hydra" / "hydra.yaml").read_text()
+    assert str(target / "cnnlab" / "conf") in hydra_cfg  # the configs came from the installed copy
