@@ -189,6 +189,7 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
 
 def test_installed_package_runs_from_any_directory(tmp_path):
     """pip install . (not editable) ships conf/ inside the package; run from an unrelated directory."""
+    import os
     import subprocess
     import sys
 
@@ -201,8 +202,10 @@ def test_installed_package_runs_from_any_directory(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     run_dir = elsewhere / "run"
-    result = run_cnnlab("+debug=smoke", "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=elsewhere,
-                        env={"PYTHONPATH": str(target)})
+    # the `cnnlab` console script, as pip installed it
+    result = subprocess.run([str(target / "bin" / "cnnlab"), "+debug=smoke", "trainer.epochs=1", f"hydra.run.dir={run_dir}"],
+                            cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(target)},
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"

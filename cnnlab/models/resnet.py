@@ -8,6 +8,7 @@ widths (16, 32, 64); resnet50 = a Bottleneck block with expansion 4; an "imagene
 _make_stem.
 """
 from dataclasses import dataclass
+from functools import partial
 
 from torch import Tensor, nn
 
@@ -121,16 +122,11 @@ class ResNet(nn.Module):
         return self.fc(self.dropout(self.flatten(self.pool(x))))
 
 
-def _resnet(table: str, cfg: ResNetConfig, in_channels: int, num_classes: int) -> ResNet:
+def _resnet(table: str, cfg: ResNetConfig, in_channels: int, num_classes: int, input_size: tuple[int, int]) -> ResNet:
     # input_size is not needed: the CIFAR stem and stride-2 3x3 convs (ceil(s/2)) accept any size >= 1.
     return ResNet(ARCHS[table], in_channels, num_classes, cfg.activation, cfg.dropout, cfg.batch_norm)
 
 
-@register("resnet18", ResNetConfig)
-def resnet18(cfg: ResNetConfig, in_channels: int, num_classes: int, input_size: tuple[int, int]) -> ResNet:
-    return _resnet("resnet18", cfg, in_channels, num_classes)
-
-
-@register("resnet34", ResNetConfig)
-def resnet34(cfg: ResNetConfig, in_channels: int, num_classes: int, input_size: tuple[int, int]) -> ResNet:
-    return _resnet("resnet34", cfg, in_channels, num_classes)
+# One registered builder per table row: resnet18, resnet34.
+for _name in ARCHS:
+    register(_name, ResNetConfig)(partial(_resnet, _name))

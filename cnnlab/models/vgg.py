@@ -7,6 +7,7 @@ work with five stages (28 -> 14 -> 7 -> 3 -> 1, last pool skipped) and any input
 size (torchvision pools to 7x7 for 224-px ImageNet; at 32 px that would be mostly padding).
 """
 from collections.abc import Sequence
+from functools import partial
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -113,21 +114,6 @@ def _vgg(table: str, cfg: VGGConfig, in_channels: int, num_classes: int, input_s
     )
 
 
-@register("vgg11", VGGConfig)
-def vgg11(cfg: VGGConfig, in_channels: int, num_classes: int, input_size: tuple[int, int]) -> VGG:
-    return _vgg("vgg11", cfg, in_channels, num_classes, input_size)
-
-
-@register("vgg13", VGGConfig)
-def vgg13(cfg: VGGConfig, in_channels: int, num_classes: int, input_size: tuple[int, int]) -> VGG:
-    return _vgg("vgg13", cfg, in_channels, num_classes, input_size)
-
-
-@register("vgg16", VGGConfig)
-def vgg16(cfg: VGGConfig, in_channels: int, num_classes: int, input_size: tuple[int, int]) -> VGG:
-    return _vgg("vgg16", cfg, in_channels, num_classes, input_size)
-
-
-@register("vgg19", VGGConfig)
-def vgg19(cfg: VGGConfig, in_channels: int, num_classes: int, input_size: tuple[int, int]) -> VGG:
-    return _vgg("vgg19", cfg, in_channels, num_classes, input_size)
+# One registered builder per table row: vgg11, vgg13, vgg16, vgg19.
+for _name in ARCHS:
+    register(_name, VGGConfig)(partial(_vgg, _name))
