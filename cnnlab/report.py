@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: runs on servers and in CI without a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -83,6 +84,7 @@ def plot_curves(run_dir: Path, title: str = "") -> None:
             if metrics[column].notna().any():
                 ax.plot(metrics["epoch"], metrics[column], style, label=split, markersize=3)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("accuracy" if metric == "acc" else "loss")
         ax.grid(alpha=0.3)
         ax.legend()
