@@ -193,10 +193,18 @@ def test_installed_package_runs_from_any_directory(tmp_path):
     import subprocess
     import sys
 
+    import shutil
+
     repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "src"  # build from a copy: setuptools leaves build/ in the tree it builds
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, source / name)
+    for name in ("cnnlab", "conf"):
+        shutil.copytree(repo / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(repo)], check=True, capture_output=True, timeout=300)
+                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
     assert (target / "cnnlab" / "conf" / "config.yaml").is_file()
     assert (target / "cnnlab" / "conf" / "model" / "vgg11.yaml").is_file()
     elsewhere = tmp_path / "elsewhere"
@@ -211,3 +219,14 @@ def test_installed_package_runs_from_any_directory(tmp_path):
     assert summary["status"] == "completed"
     hydra_cfg = (run_dir / ".hydra" / "hydra.yaml").read_text()
     assert str(target / "cnnlab" / "conf") in hydra_cfg  # the configs came from the installed copy
+
+
+@pytest.mark.parametrize("mode,key", [([], "hydra.run.dir"), (["-m"], "hydra.sweep.dir")])
+def test_unwritable_output_directory_is_one_clear_message(tmp_path, mode, key):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result = run_cnnlab(*mode, "+debug=smoke", f"{key}={blocker / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert key in output and "is a file, not a directory" in output
+    assert "Traceback" not in output

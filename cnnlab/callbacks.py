@@ -1,13 +1,14 @@
-"""End-of-sweep bookkeeping, registered as a Hydra callback in conf/config.yaml."""
+"""Hydra callbacks registered in conf/config.yaml: output-directory check, end-of-sweep status."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 def job_statuses(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -43,3 +44,34 @@ class SweepStatus(Callback):
         if failed:
             print(f"{len(failed)} of {len(rows)} jobs failed: {', '.join(failed)}", file=sys.stderr)
             sys.exit(1)
+
+
+def unwritable_reason(path: Path) -> str | None:
+    """Why `path` cannot be created or written to, or None if it can."""
+    probe = path.absolute()
+    while not probe.exists():  # the nearest existing ancestor decides
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    return None
+
+
+class OutputDirCheck(Callback):
+    """Before Hydra creates the run (or sweep) directory: a clear message instead of a traceback."""
+
+    @staticmethod
+    def _check(config: DictConfig, key: str) -> None:
+        path = Path(str(OmegaConf.select(config, key)))
+        reason = unwritable_reason(path)
+        if reason:
+            print(f"{key}={path} cannot be created: {reason}. Run from a directory you can write to, "
+                  f"or choose another location with {key}=<dir>.", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir")
