@@ -251,6 +251,9 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, An
         channels_last=t.channels_last,
         generator=generator,
     )
+    if t.precision == "bf16" and not ctx.bf16:
+        log.warning("trainer.precision=bf16 applies on CUDA only; training in fp32 on %s", device)
+    summary["precision"] = "bf16" if ctx.bf16 else "fp32"
     batches = Batches(train.images, train.labels, t.batch_size, shuffle=True, drop_last=True, generator=generator)
     optimizer = build_optimizer(run.optimizer, model.parameters())
     scheduler = build_scheduler(run.scheduler, optimizer, len(batches), t.epochs)

@@ -95,6 +95,16 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path):
     assert n_params == summary["params_total"]
 
 
+def test_channels_last_and_bf16_request_run_on_cpu(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cnnlab("+debug=smoke", "model=resnet18", "trainer.channels_last=true", "trainer.precision=bf16",
+                        f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = check_run_dir(run_dir, epochs=2, test_size=128)
+    assert summary["precision"] == "fp32"  # bf16 autocast is CUDA-only, and the log says so
+    assert "bf16 applies on CUDA only" in (run_dir / "train.log").read_text()
+
+
 def test_sweep_gives_every_job_a_complete_run_directory(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = run_cnnlab("-m", "+debug=smoke", "optimizer.lr=0.05,0.01", "model.activation=relu,tanh",
