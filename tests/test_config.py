@@ -20,9 +20,20 @@ def test_default_config_is_lenet_on_fashion_mnist():
     assert run.trainer.epochs >= 1 and run.trainer.device == "auto"
 
 
+# Models for large images only: the way to use them on small-image datasets is a resize op.
+RESIZE_FOR = {"alexnet_original": 64}
+
+
+def resize_override(model: str) -> list[str]:
+    if model not in RESIZE_FOR:
+        return []
+    return [f"augmentation.ops=[{{op: resize, size: {RESIZE_FOR[model]}}}, normalize]"]
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in config_options(g)])
 def test_every_group_option_composes_validates_and_builds(group, option):
-    run = validate(compose_config(f"{group}={option}", "trainer.device=cpu"))
+    extra = resize_override(option) if group == "model" else []
+    run = validate(compose_config(f"{group}={option}", "trainer.device=cpu", *extra))
     assert getattr(run, group).name == option
     # The model and input pipeline must build for this option before any data is touched.
     prepared = prepare(run)
@@ -35,6 +46,11 @@ def test_every_group_option_composes_validates_and_builds(group, option):
 def test_models_build_for_every_dataset_and_augmentation(model, dataset, augmentation):
     run = validate(compose_config(f"model={model}", f"dataset={dataset}", f"augmentation={augmentation}",
                                   "trainer.device=cpu"))
+    if model in RESIZE_FOR:  # too small as is: a clear config-time error, then the resize that fixes it
+        with pytest.raises(ConfigError, match="minimum is"):
+            prepare(run)
+        run = validate(compose_config(f"model={model}", f"dataset={dataset}", "trainer.device=cpu",
+                                      *resize_override(model)))
     prepared = prepare(run)
     prepared.model.eval()
     with torch.no_grad():

@@ -19,7 +19,7 @@ from cnnlab.models import (
 from cnnlab.models.layers import ACTIVATIONS, make_activation
 from cnnlab.models.lenet import LeNet, LeNetConfig
 from cnnlab.models.resnet import ResNetConfig
-from cnnlab.models.vgg import VGG, VGGConfig
+from cnnlab.models.vgg import VGGConfig
 
 CONF_MODEL_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -43,18 +43,35 @@ def forward_backward(model: nn.Module, shape: tuple[int, int, int], num_classes:
 
 
 def test_registry_names():
-    assert available() == ["lenet", "resnet18", "resnet34", "vgg11", "vgg13", "vgg16", "vgg19"]
+    assert available() == [
+        "alexnet", "alexnet_original", "cifarnet", "convnet5", "googlenet", "lenet", "nin",
+        "resnet11", "resnet18", "resnet20", "resnet26", "resnet34", "resnet50",
+        "vgg11", "vgg13", "vgg16", "vgg19", "vgg_tiny",
+    ]
     assert schema_for("lenet") is LeNetConfig
     assert schema_for("vgg16") is VGGConfig
     assert schema_for("resnet34") is ResNetConfig
 
 
-@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)], ids=["1x28x28", "3x32x32"])
+# Models meant for large images only; below this side length they must refuse with a clear error.
+MIN_SIDE = {"alexnet_original": 63}
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 64, 64)], ids=["1x28x28", "3x32x32", "3x64x64"])
 @pytest.mark.parametrize("name", available())
 def test_every_model_forward_backward(name, shape):
     torch.manual_seed(0)
+    side = MIN_SIDE.get(name, 1)
+    if shape[1] < side:
+        with pytest.raises(ConfigError, match=f"minimum is {side}x{side}"):
+            build_model(make_cfg(name), in_channels=shape[0], num_classes=10, input_size=shape[1:])
+        return
     model = build_model(make_cfg(name), in_channels=shape[0], num_classes=10, input_size=shape[1:])
+    # no lazy modules: the parameter count is final before any forward pass
+    assert not any(isinstance(m, nn.modules.lazy.LazyModuleMixin) for m in model.modules())
+    count = sum(p.numel() for p in model.parameters())
     forward_backward(model, shape)
+    assert sum(p.numel() for p in model.parameters()) == count
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -161,10 +178,10 @@ def test_invalid_values_raise_config_error(name, overrides, key, valid):
 
 
 def test_unknown_model_name():
-    for call in (lambda: schema_for("alexnet"), lambda: build_model(ModelConfig(name="alexnet"), 3, 10, (32, 32))):
+    for call in (lambda: schema_for("vgg99"), lambda: build_model(ModelConfig(name="vgg99"), 3, 10, (32, 32))):
         with pytest.raises(ConfigError) as err:
             call()
-        assert "model.name" in str(err.value) and "lenet, resnet18, resnet34, vgg11" in str(err.value)
+        assert "model.name" in str(err.value) and "lenet, nin, resnet11, resnet18" in str(err.value)
 
 
 def test_model_config_helper_wraps_omegaconf_errors():

@@ -9,11 +9,10 @@ parameter counts and weight init are right before the first forward pass.
 # No `from __future__ import annotations` here: OmegaConf reads the schema's field types at runtime.
 from collections.abc import Callable
 from dataclasses import dataclass, is_dataclass
-from typing import Any
 
 from torch import nn
 
-from cnnlab.checks import ConfigError, check_choice, check_range
+from cnnlab.checks import check_choice, check_range
 from cnnlab.models.layers import ACTIVATIONS, INIT_SCHEMES, check_input_size, init_weights
 
 Builder = Callable[..., nn.Module]  # fn(cfg, in_channels, num_classes, input_size) -> nn.Module
@@ -94,7 +93,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 # Importing the families registers them; at the bottom because they import register/ModelConfig from here.
-from cnnlab.models import lenet, resnet, vgg  # noqa: E402,F401
+from cnnlab.models import alexnet, cifarnet, convnet, googlenet, lenet, nin, resnet, vgg  # noqa: E402,F401
 
 __all__ = [
     "ModelConfig",

@@ -75,7 +75,9 @@ def init_weights(model: nn.Module, scheme: str, activation: str) -> None:
     signal ~4x per 512-wide layer and is one reason a from-scratch VGG sits at loss ln(classes));
     the last Linear (the head) gets N(0, 0.01) so the first logits are near zero and the first loss is
     ~ln(classes) instead of a confident wrong guess. Biases 0, norm weight 1 / bias 0. Finally every
-    module that defines `zero_init_last()` (ResNet blocks) is asked to zero its residual branch.
+    module that defines `zero_init_last()` is asked to shrink its last layer: residual blocks zero
+    their branch (they start as the identity), AlexNet/ConvNet5/CifarNet start their last BN gamma
+    small and NiN its logits conv near 0, so the first steps do not blow up.
     "pytorch_default": touch nothing, so runs compare against torch's own per-layer defaults.
     """
     check_choice("model.init", scheme, INIT_SCHEMES)

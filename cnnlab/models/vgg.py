@@ -3,8 +3,14 @@
 An arch is a sequence of stages (num_convs, channels); each stage is num_convs x (3x3 conv, pad 1
 [+ BN] + act) then a 2x2 max pool. A pool is skipped along an axis already < 2 px, so 28-px inputs
 work with five stages (28 -> 14 -> 7 -> 3 -> 1, last pool skipped) and any input of at least
-1x1 builds. AdaptiveAvgPool2d(1) then makes the classifier input `last_channels` for every image
-size (torchvision pools to 7x7 for 224-px ImageNet; at 32 px that would be mostly padding).
+1x1 builds. AdaptiveAvgPool2d(pool_size) then makes the classifier input last_channels * pool_size^2
+for every image size. pool_size=1 is our default; 7 is torchvision's (the original's 224-px ImageNet
+head): with pool_size=7, classifier_width=4096 and batch_norm=false, vgg11/vgg16 have exactly
+torchvision's parameter counts. At 32 px a 7x7 pool would mostly repeat the 1x1 feature map 49 times.
+
+vgg_tiny is ours, for quick CPU runs and smoke tests: three stages 16/32/64 (four convs), about 0.36M
+parameters at the default classifier_width (most of them in the classifier), ~5M multiply-adds per
+32-px image, roughly 60x fewer than vgg11.
 """
 from collections.abc import Sequence
 from functools import partial
@@ -24,6 +30,7 @@ ARCHS: dict[str, Arch] = {
     "vgg13": ((2, 64), (2, 128), (2, 256), (2, 512), (2, 512)),
     "vgg16": ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512)),
     "vgg19": ((2, 64), (2, 128), (4, 256), (4, 512), (4, 512)),
+    "vgg_tiny": ((1, 16), (1, 32), (2, 64)),  # not from the paper: a fast VGG for CPU runs and tests
 }
 
 
@@ -48,6 +55,7 @@ def normalize_arch(arch: Any, key: str = "model.arch") -> Arch:
 class VGGConfig(ModelConfig):
     arch: Optional[List[Any]] = None  # [[num_convs, channels], ...]; None uses the table of `name`
     classifier_width: int = 512  # units of the two hidden classifier layers (4096 in the original)
+    pool_size: int = 1  # AdaptiveAvgPool2d output side before the classifier (7 in torchvision/the original)
     dropout: float = 0.5
     batch_norm: bool = True  # without BN a from-scratch VGG often stalls at loss ln(classes)
 
@@ -56,6 +64,7 @@ class VGGConfig(ModelConfig):
         if self.arch is not None:
             normalize_arch(self.arch, f"{prefix}.arch")
         check_range(f"{prefix}.classifier_width", self.classifier_width, 1)
+        check_range(f"{prefix}.pool_size", self.pool_size, 1)
 
 
 class VGG(nn.Module):
@@ -69,6 +78,7 @@ class VGG(nn.Module):
         dropout: float = 0.5,
         batch_norm: bool = True,
         classifier_width: int = 512,
+        pool_size: int = 1,
     ) -> None:
         super().__init__()
         arch = normalize_arch(arch)
@@ -91,10 +101,11 @@ class VGG(nn.Module):
                 h, w = h // kh, w // kw
             stages.append(nn.Sequential(*layers))
         self.features = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        # A fixed output size, so the first Linear's in_features is known here for every input size.
+        self.pool = nn.AdaptiveAvgPool2d(pool_size)
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(channels, classifier_width),
+            nn.Linear(channels * pool_size * pool_size, classifier_width),
             make_activation(activation),
             nn.Dropout(dropout),
             nn.Linear(classifier_width, classifier_width),
@@ -110,10 +121,18 @@ class VGG(nn.Module):
 def _vgg(table: str, cfg: VGGConfig, in_channels: int, num_classes: int, input_size: tuple[int, int]) -> VGG:
     arch = cfg.arch if cfg.arch is not None else ARCHS[table]  # a custom arch replaces the table
     return VGG(
-        arch, in_channels, num_classes, input_size, cfg.activation, cfg.dropout, cfg.batch_norm, cfg.classifier_width
+        arch,
+        in_channels,
+        num_classes,
+        input_size,
+        cfg.activation,
+        cfg.dropout,
+        cfg.batch_norm,
+        cfg.classifier_width,
+        cfg.pool_size,
     )
 
 
-# One registered builder per table row: vgg11, vgg13, vgg16, vgg19.
+# One registered builder per table row: vgg11, vgg13, vgg16, vgg19, vgg_tiny.
 for _name in ARCHS:
     register(_name, VGGConfig)(partial(_vgg, _name))
