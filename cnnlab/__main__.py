@@ -11,20 +11,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from cnnlab.checks import ConfigError
-from cnnlab.config import validate
+from cnnlab.config import config_dir, validate
 from cnnlab.report import write_summary
 from cnnlab.train import fit
 
 log = logging.getLogger("cnnlab")
-
-
-def config_dir() -> str:
-    """conf/ ships inside the installed package; in a source checkout it sits beside it."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"cnnlab's config tree (conf/config.yaml) is missing next to {here}; reinstall cnnlab")
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
@@ -51,7 +42,15 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return summary.get("best_val_acc")  # the value a sweeper would optimise
 
 
+SUBCOMMANDS = ("models",)
+
+
 def main() -> None:
+    """`cnnlab [overrides]` trains; `cnnlab models ...` lists the model zoo."""
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        from cnnlab.models.__main__ import main as models_main
+
+        sys.exit(models_main(sys.argv[2:]))
     _hydra_main()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +23,21 @@ from cnnlab.data import schema_for as dataset_schema
 from cnnlab.data.augment import AugmentationConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def config_dir() -> str:
+    """conf/ ships inside the installed package; in a source checkout it sits beside it."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"cnnlab's config tree (conf/config.yaml) is missing next to {here}; reinstall cnnlab")
+
+
+def model_defaults(name: str) -> models.ModelConfig:
+    """A model's config as a run gets it: conf/model/<name>.yaml, else its schema's defaults."""
+    path = Path(config_dir()) / "model" / f"{name}.yaml"
+    return typed_group("model", OmegaConf.load(path) if path.is_file() else {"name": name})
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -49,6 +65,18 @@ class TrainerConfig:
 
 
 @dataclass
+class VizConfig:
+    feature_maps: bool = False
+    num_images: int = 8
+    layer: Optional[str] = None
+    channels: int = 15
+
+    def validate(self, prefix: str = "viz") -> None:
+        check_range(f"{prefix}.num_images", self.num_images, 1)
+        check_range(f"{prefix}.channels", self.channels, 1)
+
+
+@dataclass
 class RunConfig:
     model: models.ModelConfig
     dataset: DatasetConfig
@@ -57,6 +85,7 @@ class RunConfig:
     loss: losses.LossConfig
     augmentation: AugmentationConfig
     trainer: TrainerConfig
+    viz: VizConfig
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,6 +100,7 @@ SCHEMAS: dict[str, Callable[[str], type]] = {
     "loss": losses.loss_schema,
     "augmentation": lambda name: AugmentationConfig,
     "trainer": lambda name: TrainerConfig,
+    "viz": lambda name: VizConfig,
 }
 
 
@@ -79,7 +109,7 @@ def typed_group(group: str, node: Any) -> Any:
 
     OmegaConf's type and unknown-key errors become ConfigErrors naming the full key.
     """
-    schema = SCHEMAS[group](node.get("name") if group != "trainer" else None)
+    schema = SCHEMAS[group](node.get("name"))  # trainer and viz have one schema and no name
     try:
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except OmegaConfBaseException as err:

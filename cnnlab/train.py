@@ -25,14 +25,15 @@ import torch
 from tqdm import tqdm
 
 import cnnlab
-from cnnlab import report
-from cnnlab.checkpoint import load_checkpoint, rng_state, save_checkpoint
+from cnnlab import report, viz
+from cnnlab.checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint
 from cnnlab.checks import ConfigError
 from cnnlab.config import RunConfig
 from cnnlab.data import DatasetSpec, Split, load_dataset, spec_for
 from cnnlab.data.augment import Pipeline, build_pipeline
 from cnnlab.losses import LossFn, build_loss
-from cnnlab.models import build_model, count_parameters
+from cnnlab.models import build_model
+from cnnlab.models.card import human, model_card
 from cnnlab.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("cnnlab")
@@ -169,6 +170,7 @@ class Prepared:
     spec: DatasetSpec
     pipeline: Pipeline
     model: torch.nn.Module
+    viz_layer: str | None  # the conv layer whose feature maps are drawn, if asked for
 
 
 def prepare(run: RunConfig) -> Prepared:
@@ -179,7 +181,8 @@ def prepare(run: RunConfig) -> Prepared:
     channels, height, width = pipeline.output_shape
     seed_everything(run.trainer.seed)  # the model's initial weights depend on the seed alone
     model = build_model(run.model, channels, spec.num_classes, (height, width))
-    return Prepared(device, spec, pipeline, model)
+    viz_layer = viz.resolve_layer(model, run.viz.layer) if run.viz.feature_maps else None
+    return Prepared(device, spec, pipeline, model, viz_layer)
 
 
 def _split_to(split: Split | None, device: torch.device) -> Split | None:
@@ -218,20 +221,14 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, An
         torch.set_num_threads(t.num_threads)
     prep = prepare(run)
     device, spec, model = prep.device, prep.spec, prep.model
-    params_total, params_trainable = count_parameters(model)
-    size_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    size_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
-    summary.update(
-        device=str(device),
-        input_shape=list(prep.pipeline.output_shape),
-        num_classes=spec.num_classes,
-        params_total=params_total,
-        params_trainable=params_trainable,
-        model_size_mb=round(size_bytes / 1e6, 4),
-        seed=t.seed,
-    )
-    log.info("model %s: %s parameters (%.2f MB), input %s, device %s",
-             run.model.name, f"{params_total:,}", size_bytes / 1e6, tuple(prep.pipeline.output_shape), device)
+    card = model_card(model, run.model.name, prep.pipeline.output_shape, spec.num_classes)
+    atomic_write_text(run_dir / "model_summary.txt", card.text())
+    summary.update(device=str(device), num_classes=spec.num_classes, seed=t.seed, **card.summary_fields())
+    log.info("model %s: %s parameters (%.2f MB), %s MACs per image, input %s, device %s",
+             run.model.name, f"{card.params_total:,}", card.model_size_mb, human(card.macs_per_image),
+             "x".join(map(str, card.input_shape)), device)
+    if card.reference_line:
+        log.info("reference: %s", card.reference_line)
 
     data = load_dataset(run.dataset, seed=t.seed)
     train, val, test = (_split_to(s, device) for s in (data.train, data.val, data.test))
@@ -316,8 +313,26 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, An
         summary.update(test_loss=result.loss, test_acc=result.acc, test_checkpoint="best" if val else "last")
         report.write_confusion(run_dir, result.confusion, spec.classes)
         log.info("test (epoch %d weights): loss %.4f  accuracy %.2f%%", best_epoch, result.loss, 100 * result.acc)
+        if prep.viz_layer:
+            summary["feature_maps"] = _draw_feature_maps(run, run_dir, model, test, ctx, prep.viz_layer, spec)
     report.plot_curves(run_dir, title=f"{run.model.name} on {spec.name}")
     if summary["status"] == "running":
         summary["status"] = "completed"
     summary["config"] = run.to_dict()
     return summary
+
+
+def _draw_feature_maps(run: RunConfig, run_dir: Path, model: torch.nn.Module, test: Split, ctx: StepContext,
+                       layer: str, spec: DatasetSpec) -> dict[str, Any]:
+    """feature_maps.png for the first viz.num_images test images; returns what summary.json records."""
+    images, labels = test.images[: run.viz.num_images], test.labels[: run.viz.num_images]
+    with ctx.autocast():
+        activations, predicted = viz.capture(model, layer, ctx.inputs(images, train=False))
+    panels = viz.plot_feature_maps(
+        run_dir / "feature_maps.png", images, activations, predicted.tolist(), labels.tolist(), spec.classes,
+        run.viz.channels, title=f"{run.model.name}: feature maps at {layer} "
+        f"({activations.shape[1]} channels, {activations.shape[2]}x{activations.shape[3]})",
+    )
+    return {"file": "feature_maps.png", "layer": layer, "panels": panels,
+            "channels_shown": min(run.viz.channels, activations.shape[1]),
+            "predicted": predicted.tolist(), "true": labels.tolist()}

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from cnnlab.checkpoint import load_checkpoint
 from cnnlab.config import validate
@@ -46,6 +45,13 @@ def check_run_dir(run_dir: Path, epochs: int, test_size: int, classes: list[str]
     assert summary["model_size_mb"] == pytest.approx(summary["params_total"] * 4 / 1e6, rel=0.05)
     for key in ("test_loss", "test_acc", "device", "model", "dataset", "overrides"):
         assert key in summary, key
+
+    # the model card: layer table file and the same numbers in summary.json
+    card = (run_dir / "model_summary.txt").read_text()
+    assert f"Total params: {summary['params_total']:,}" in card
+    assert f"{summary['params_total']:,} total, {summary['params_trainable']:,} trainable" in card
+    assert summary["flops_per_image"] == 2 * summary["macs_per_image"] > 0
+    assert summary["input_shape"] == [int(v) for v in card.splitlines()[0].split("input: ")[1].split()[0].split("x")]
 
     # confusion matrix: the test set, class names on both axes
     confusion = pd.read_csv(run_dir / "confusion_matrix.csv", index_col=0)

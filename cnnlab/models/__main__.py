@@ -1,0 +1,92 @@
+"""`python -m cnnlab.models` / `cnnlab models`: every model with its size and compute for a dataset.
+
+    python -m cnnlab.models --dataset cifar10             # table sorted by parameters
+    python -m cnnlab.models --dataset cifar10 --near alexnet   # closest in size to AlexNet first
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pandas as pd
+
+from cnnlab.checks import ConfigError
+from cnnlab.config import model_defaults, typed_group
+from cnnlab.data import available as datasets
+from cnnlab.data import spec_for
+from cnnlab.models import available, build_model
+from cnnlab.models.card import human, model_card
+
+SORT_KEYS = ("params", "flops", "name")
+
+
+def model_table(dataset: str) -> pd.DataFrame:
+    """One row per registered model, built with its shipped defaults for `dataset`'s images."""
+    spec = spec_for(typed_group("dataset", {"name": dataset}))
+    shape = (spec.channels, spec.height, spec.width)
+    rows = []
+    for name in available():
+        try:
+            model = build_model(model_defaults(name), spec.channels, spec.num_classes, shape[1:])
+        except ConfigError as err:  # e.g. alexnet_original needs larger images
+            rows.append({"model": name, "note": str(err).split(". ")[0]})
+            continue
+        card = model_card(model, name, shape, spec.num_classes)
+        rows.append({
+            "model": name,
+            "params": card.params_total,
+            "size_mb": card.model_size_mb,
+            "macs": card.macs_per_image,
+            "flops": card.flops_per_image,
+            "vs_reference": _versus(card.reference),
+            "note": "",
+        })
+    table = pd.DataFrame(rows)
+    return table.astype({"params": "Int64", "macs": "Int64", "flops": "Int64"})  # counts stay integers in CSV
+
+
+def _versus(reference: dict | None) -> str:
+    """'7.3% of AlexNet original (62.4M)': the card's comparison, short enough for a table."""
+    if not reference:
+        return ""
+    return f"{reference['ratio']:.1%} of {reference['name'].split(' (')[0]} ({human(reference['params'])})"
+
+
+def format_table(table: pd.DataFrame) -> str:
+    shown = table.astype(object)
+    for column in ("params", "macs", "flops"):
+        shown[column] = [human(v) if pd.notna(v) else "-" for v in shown[column]]
+    shown["size_mb"] = [f"{v:.2f}" if pd.notna(v) else "-" for v in shown["size_mb"]]
+    if "vs_near" in shown:
+        shown["vs_near"] = [f"{v:.2f}x" if pd.notna(v) else "-" for v in shown["vs_near"]]
+    return shown.fillna("").to_markdown(index=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cnnlab models", description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="cifar10", choices=datasets(),
+                        help="size the models for this dataset's images and classes (default: cifar10)")
+    parser.add_argument("--sort", default="params", choices=SORT_KEYS, help="sort order (default: params)")
+    parser.add_argument("--near", metavar="MODEL", choices=available(),
+                        help="sort by closeness in parameter count to this model")
+    parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    args = parser.parse_args(argv)
+
+    table = model_table(args.dataset)
+    if args.near:
+        target = table.loc[table["model"] == args.near, "params"].iloc[0]
+        if pd.isna(target):
+            parser.error(f"--near {args.near}: that model does not build for {args.dataset}")
+        table = table.assign(vs_near=table["params"] / target)
+        table = table.iloc[(table["params"] - target).abs().argsort(kind="stable")]
+    else:
+        table = table.sort_values(args.sort, kind="stable", na_position="last")
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    print(f"models for {args.dataset} (defaults from conf/model; MACs and FLOPs per image)\n")
+    print(format_table(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

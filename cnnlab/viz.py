@@ -1,0 +1,103 @@
+"""Looking inside a trained model: feature maps of test images at one conv layer."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from cnnlab.checks import ConfigError  # noqa: E402
+
+
+def conv_layer_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def resolve_layer(model: nn.Module, layer: str | None, key: str = "viz.layer") -> str:
+    """The chosen conv layer's module name; null means the last conv layer."""
+    names = conv_layer_names(model)
+    if not names:
+        raise ConfigError(f"{key}: this model has no conv layer to show")
+    if layer is None:
+        return names[-1]
+    if layer not in names:
+        raise ConfigError(f"{key}={layer!r} is not a conv layer of this model; choose one of: {', '.join(names)}")
+    return layer
+
+
+@torch.no_grad()
+def capture(model: nn.Module, layer: str, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(activations of `layer` [N, C, h, w], predicted classes [N]) for preprocessed inputs."""
+    store: dict[str, torch.Tensor] = {}
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, i, out: store.__setitem__("out", out))
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(inputs)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return store["out"].float(), logits.argmax(1)
+
+
+def _mosaic(image: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    """One RGB tile grid: the input image first, then each channel map (own min-max, viridis)."""
+    h, w = image.shape[:2]
+    cmap = matplotlib.colormaps["viridis"]
+    tiles = [image]
+    for fmap in maps:
+        lo, hi = fmap.min(), fmap.max()
+        tiles.append(cmap((fmap - lo) / (hi - lo) if hi > lo else np.zeros_like(fmap))[..., :3])
+    cols = math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / cols)
+    gap = max(1, h // 16)
+    canvas = np.ones((rows * (h + gap) - gap, cols * (w + gap) - gap, 3))
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        canvas[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tile
+    return canvas
+
+
+def plot_feature_maps(
+    path: Path,
+    images: torch.Tensor,
+    activations: torch.Tensor,
+    predicted: Sequence[int],
+    labels: Sequence[int],
+    classes: Sequence[str],
+    channels: int,
+    title: str,
+) -> int:
+    """Write one panel per image (input + its first `channels` maps); returns the panel count."""
+    n, _, h, w = images.shape
+    shown = min(channels, activations.shape[1])
+    # feature maps are upsampled (nearest) to the image size so every tile has the same size
+    maps = F.interpolate(activations[:, :shown].cpu(), size=(h, w), mode="nearest").numpy()
+    pictures = images.cpu().float().div(255).permute(0, 2, 3, 1).numpy()
+    if pictures.shape[-1] == 1:
+        pictures = np.repeat(pictures, 3, axis=-1)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.8 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat[n:]:
+        ax.remove()
+    for i in range(n):
+        ax = axes.flat[i]
+        ax.imshow(_mosaic(pictures[i], maps[i]), interpolation="nearest")
+        ax.set_axis_off()
+        ok = predicted[i] == labels[i]
+        ax.set_title(f"pred: {classes[predicted[i]]}\ntrue: {classes[labels[i]]}", fontsize=9,
+                     color="tab:green" if ok else "tab:red")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    panels = sum(1 for ax in fig.axes if ax.images)  # what was drawn, not what was asked for
+    plt.close(fig)
+    return panels

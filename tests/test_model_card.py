@@ -1,0 +1,133 @@
+"""Model cards, the model listing and feature-map pictures."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+import torchvision
+
+from cnnlab.checks import ConfigError
+from cnnlab.config import model_defaults, validate
+from cnnlab.models import available, build_model
+from cnnlab.models.__main__ import model_table
+from cnnlab.models.card import REFERENCES, model_card
+from cnnlab.train import prepare
+from cnnlab.viz import plot_feature_maps
+
+from conftest import compose_config, run_cnnlab
+from test_run import check_run_dir
+
+
+def test_lenet_card_matches_hand_counts():
+    model = build_model(model_defaults("lenet"), 1, 10, (28, 28))
+    card = model_card(model, "lenet", (1, 28, 28), 10)
+    # conv1 (6*1*25 + 6) weights+biases at 28x28, conv2 (16*6*25 + 16) at 10x10, then the three linears
+    linears = [(400, 120), (120, 84), (84, 10)]
+    params = (6 * 25 + 6) + (16 * 6 * 25 + 16) + sum(i * o + o for i, o in linears)
+    macs = (6 * 25 + 6) * 28 * 28 + (16 * 6 * 25 + 16) * 10 * 10 + sum(i * o + o for i, o in linears)
+    assert card.params_total == card.params_trainable == params == 61_706
+    assert card.macs_per_image == macs and card.flops_per_image == 2 * macs
+    assert card.model_size_mb == pytest.approx(params * 4 / 1e6)
+    assert card.reference["ratio"] == pytest.approx(1.0)
+    assert "Conv2d (0)" in card.table and "[1, 16, 10, 10]" in card.table and "Param #" in card.table
+    text = card.text()
+    assert "61,706 total" in text and "MACs" in text and "reference: LeNet-5" in text
+
+
+def test_carding_changes_neither_rng_nor_batchnorm_statistics():
+    model = build_model(model_defaults("resnet18"), 3, 10, (32, 32))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    model_card(model, "resnet18", (3, 32, 32), 10)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("name,builder", [
+    ("vgg11", lambda: torchvision.models.vgg11()),
+    ("vgg13", lambda: torchvision.models.vgg13()),
+    ("vgg16", lambda: torchvision.models.vgg16()),
+    ("vgg19", lambda: torchvision.models.vgg19()),
+    ("resnet18", lambda: torchvision.models.resnet18()),
+    ("resnet34", lambda: torchvision.models.resnet34()),
+    ("resnet50", lambda: torchvision.models.resnet50()),
+    ("googlenet", lambda: torchvision.models.googlenet(aux_logits=False, init_weights=False)),
+])
+def test_reference_counts_are_torchvisions(name, builder):
+    assert REFERENCES[name][1] == sum(p.numel() for p in builder().parameters())
+
+
+def test_card_compares_with_the_original_alexnet():
+    model = build_model(model_defaults("alexnet"), 3, 10, (32, 32))
+    card = model_card(model, "alexnet", (3, 32, 32), 10)
+    assert card.reference["params"] == 62_378_344
+    assert card.reference["ratio"] == pytest.approx(card.params_total / 62_378_344)
+    assert card.reference_line.startswith("AlexNet original (Krizhevsky et al. 2012): 62.4M; this model: ")
+    assert card.reference_line.endswith(f"{card.params_total / 62_378_344:.1%}")
+
+
+def test_model_table_lists_every_model_with_its_real_counts():
+    table = model_table("cifar10").set_index("model")
+    assert sorted(table.index) == available()
+    for name in ("lenet", "vgg11", "resnet18"):
+        model = build_model(model_defaults(name), 3, 10, (32, 32))
+        assert table.loc[name, "params"] == sum(p.numel() for p in model.parameters())
+        assert table.loc[name, "flops"] == 2 * table.loc[name, "macs"] > 0
+    # a model that needs larger images says so instead of a number
+    assert pd.isna(table.loc["alexnet_original", "params"])
+    assert "minimum" in table.loc["alexnet_original", "note"]
+
+
+def test_models_command_writes_a_csv_and_sorts_by_closeness(tmp_path):
+    csv = tmp_path / "models.csv"
+    result = subprocess.run([sys.executable, "-m", "cnnlab", "models", "--dataset", "mnist", "--near", "alexnet",
+                             "--csv", str(csv)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "| alexnet" in result.stdout
+    table = pd.read_csv(csv)
+    assert sorted(table["model"]) == available()
+    assert table["model"].iloc[0] == "alexnet" and table["vs_near"].iloc[0] == pytest.approx(1.0)
+    distance = (table["params"] - table["params"].iloc[0]).abs().dropna()
+    assert distance.is_monotonic_increasing
+    bad = subprocess.run([sys.executable, "-m", "cnnlab.models", "--dataset", "imagenet"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "cifar10" in bad.stderr  # lists the valid datasets
+
+
+def test_feature_map_figure_has_one_panel_per_image(tmp_path):
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    activations = torch.randn(6, 20, 4, 4)
+    panels = plot_feature_maps(tmp_path / "fm.png", images, activations, [0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 0, 0],
+                               [f"c{i}" for i in range(10)], channels=15, title="t")
+    assert panels == 6
+    assert (tmp_path / "fm.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_feature_map_layer_lists_the_conv_layers():
+    run = validate(compose_config("viz.feature_maps=true", "viz.layer=classifier.1", "trainer.device=cpu"))
+    with pytest.raises(ConfigError) as info:
+        prepare(run)
+    assert "viz.layer" in str(info.value) and "features.0" in str(info.value) and "features.4" in str(info.value)
+
+
+def test_run_writes_model_card_and_feature_maps(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cnnlab("+debug=smoke", "model=vgg_tiny", "viz.feature_maps=true", "viz.num_images=5",
+                        "viz.channels=7", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = check_run_dir(run_dir, epochs=2, test_size=128)
+    fm = summary["feature_maps"]
+    assert fm["panels"] == 5 and len(fm["predicted"]) == len(fm["true"]) == 5
+    assert fm["channels_shown"] == 7 and fm["layer"].startswith("features.")
+    assert (run_dir / "feature_maps.png").read_bytes()[:4] == b"\x89PNG"
+    # the true classes shown are the first test images'
+    confusion_total = pd.read_csv(run_dir / "confusion_matrix.csv", index_col=0).to_numpy().sum()
+    assert confusion_total == 128
+    assert json.loads((run_dir / "summary.json").read_text())["macs_per_image"] > 0
