@@ -13,6 +13,8 @@ from cnnlab.checks import ConfigError
 from cnnlab.models import ModelConfig, available, build_model, count_parameters, schema_for
 from cnnlab.models.resnet import ARCHS, Bottleneck, PadShortcut, ResNet
 
+from test_models import forward_backward
+
 NEW_NAMES = ["resnet11", "resnet20", "resnet26", "resnet50", "vgg_tiny"]
 CONF_MODEL_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -25,17 +27,6 @@ def make_cfg(name: str, **overrides) -> ModelConfig:
 
 def n_params(model: nn.Module) -> int:
     return count_parameters(model)[0]
-
-
-def forward_backward(model: nn.Module, shape: tuple[int, int, int], num_classes: int = 10) -> None:
-    model.train()
-    out = model(torch.randn(2, *shape))
-    assert out.shape == (2, num_classes)
-    assert torch.isfinite(out).all()
-    nn.functional.cross_entropy(out, torch.tensor([0, num_classes - 1])).backward()
-    for pname, p in model.named_parameters():
-        assert p.grad is not None, f"{pname} got no gradient"
-        assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
 
 
 def test_new_names_registered():
