@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from cnnlab.models import ModelConfig, register
 from cnnlab.models.convnet import check_widths
-from cnnlab.models.layers import make_activation, make_norm2d
+from cnnlab.models.vgg import conv_stages
 
 CONVS_PER_STAGE = 2
 HEAD_GAIN = 3.2  # start value of the last BN's gamma * sqrt(head inputs); see the module docstring
@@ -50,24 +50,10 @@ class CifarNet(nn.Module):
     ) -> None:
         super().__init__()
         widths = check_widths(list(widths), "model.widths")
-        h, w = input_size
-        stages = []
-        channels = in_channels
-        for width in widths:
-            layers: list[nn.Module] = []
-            for _ in range(CONVS_PER_STAGE):
-                layers += [
-                    nn.Conv2d(channels, width, 3, padding=1, bias=not batch_norm),  # BN's shift replaces the bias
-                    make_norm2d(width, batch_norm),
-                    make_activation(activation),
-                ]
-                channels = width
-            kh, kw = (2 if h >= 2 else 1), (2 if w >= 2 else 1)
-            if kh * kw > 1:  # pool only the axes that still have >= 2 px
-                layers.append(nn.MaxPool2d((kh, kw)))
-                h, w = h // kh, w // kw
-            stages.append(nn.Sequential(*layers))
-        self.features = nn.Sequential(*stages)
+        # The VGG stage builder with CONVS_PER_STAGE convs per width.
+        self.features, channels = conv_stages(
+            [(CONVS_PER_STAGE, width) for width in widths], in_channels, input_size, activation, batch_norm
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, num_classes))
 

@@ -67,6 +67,32 @@ class VGGConfig(ModelConfig):
         check_range(f"{prefix}.pool_size", self.pool_size, 1)
 
 
+def conv_stages(
+    arch: Sequence[tuple[int, int]], in_channels: int, input_size: tuple[int, int], activation: str, batch_norm: bool
+) -> tuple[nn.Sequential, int]:
+    """VGG-style stages: per (num_convs, channels), that many 3x3 conv [+BN] + act, then a 2x2 max
+    pool on the axes that still have >= 2 px. Returns the stages and their output channels."""
+    h, w = input_size
+    stages = []
+    channels = in_channels
+    for num_convs, out_channels in arch:
+        layers: list[nn.Module] = []
+        for _ in range(num_convs):
+            # No conv bias under BN: the norm's shift replaces it.
+            layers += [
+                nn.Conv2d(channels, out_channels, 3, padding=1, bias=not batch_norm),
+                make_norm2d(out_channels, batch_norm),
+                make_activation(activation),
+            ]
+            channels = out_channels
+        kh, kw = (2 if h >= 2 else 1), (2 if w >= 2 else 1)
+        if kh * kw > 1:  # pool only the axes that still have >= 2 px
+            layers.append(nn.MaxPool2d((kh, kw)))
+            h, w = h // kh, w // kw
+        stages.append(nn.Sequential(*layers))
+    return nn.Sequential(*stages), channels
+
+
 class VGG(nn.Module):
     def __init__(
         self,
@@ -82,25 +108,7 @@ class VGG(nn.Module):
     ) -> None:
         super().__init__()
         arch = normalize_arch(arch)
-        h, w = input_size
-        stages = []
-        channels = in_channels
-        for num_convs, out_channels in arch:
-            layers: list[nn.Module] = []
-            for _ in range(num_convs):
-                # No conv bias under BN: the norm's shift replaces it.
-                layers += [
-                    nn.Conv2d(channels, out_channels, 3, padding=1, bias=not batch_norm),
-                    make_norm2d(out_channels, batch_norm),
-                    make_activation(activation),
-                ]
-                channels = out_channels
-            kh, kw = (2 if h >= 2 else 1), (2 if w >= 2 else 1)
-            if kh * kw > 1:  # pool only the axes that still have >= 2 px
-                layers.append(nn.MaxPool2d((kh, kw)))
-                h, w = h // kh, w // kw
-            stages.append(nn.Sequential(*layers))
-        self.features = nn.Sequential(*stages)
+        self.features, channels = conv_stages(arch, in_channels, input_size, activation, batch_norm)
         # A fixed output size, so the first Linear's in_features is known here for every input size.
         self.pool = nn.AdaptiveAvgPool2d(pool_size)
         self.classifier = nn.Sequential(
