@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -42,15 +43,20 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return summary.get("best_val_acc")  # the value a sweeper would optimise
 
 
-SUBCOMMANDS = ("models",)
+def _subcommands() -> dict[str, Callable[[list[str]], int]]:
+    from cnnlab.models.__main__ import main as models_main
+    from cnnlab.report.__main__ import main as report_main
+
+    return {"models": models_main, "report": report_main}
+
+
+SUBCOMMANDS = ("models", "report")
 
 
 def main() -> None:
-    """`cnnlab [overrides]` trains; `cnnlab models ...` lists the model zoo."""
+    """`cnnlab [overrides]` trains; `cnnlab models ...` lists the model zoo; `cnnlab report DIR` compares runs."""
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
-        from cnnlab.models.__main__ import main as models_main
-
-        sys.exit(models_main(sys.argv[2:]))
+        sys.exit(_subcommands()[sys.argv[1]](sys.argv[2:]))
     _hydra_main()
 
 

@@ -1,49 +1,65 @@
 """Hydra callbacks registered in conf/config.yaml: output-directory check, end-of-sweep status."""
 from __future__ import annotations
 
-import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-
-def job_statuses(sweep_dir: Path) -> list[dict[str, Any]]:
-    """summary.json of every job directory in a sweep, in job order."""
-    def job_number(path: Path) -> tuple[int, str]:
-        head = path.parent.name.split("_", 1)[0]
-        return (int(head) if head.isdigit() else sys.maxsize, path.parent.name)
-
-    rows = []
-    for path in sorted(sweep_dir.glob("*/summary.json"), key=job_number):
-        summary = json.loads(path.read_text())
-        rows.append({"job": path.parent.name, **summary})
-    return rows
+from cnnlab.checks import ConfigError
 
 
 class SweepStatus(Callback):
-    """After a multirun: one line per job, and exit status 1 if any job failed.
+    """After a multirun: the comparison report, one line per job, and exit status 1 if any job failed.
 
-    Jobs record their own failures in summary.json and return normally, so one bad job
-    never stops the rest of a sweep; this is where the sweep as a whole reports them.
+    Jobs record their own failures in summary.json and return normally, so one bad job never
+    stops the rest of a sweep; this is where the sweep as a whole reports them. The report is
+    written first, so failed and diverged jobs appear in it with their status.
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from cnnlab.report.sweep import find_runs, load_runs  # pandas loads only when a sweep ends
+
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows = job_statuses(sweep_dir)
+        try:
+            runs = load_runs(find_runs([sweep_dir]))
+        except ConfigError:  # no job got as far as writing its summary
+            runs = []
         # print, not logging: after the jobs, the root logger still writes to the last job's log
-        print(f"\nsweep {sweep_dir.resolve()}: {len(rows)} jobs")
-        for row in rows:
-            acc = row.get("test_acc")
-            detail = f"test_acc {acc:.4f}" if isinstance(acc, (int, float)) else row.get("error", "")
-            print(f"  {row.get('status', '?'):<11} {row['job']}  {detail}")
-        failed = [row["job"] for row in rows if row.get("status") == "failed"]
+        print(f"\nsweep {sweep_dir.resolve()}: {len(runs)} jobs")
+        for run in runs:
+            acc = run.summary.get("test_acc")
+            detail = f"test_acc {acc:.4f}" if isinstance(acc, (int, float)) else run.summary.get("error", "")
+            print(f"  {run.status:<11} {run.name}  {detail}")
+        if runs:
+            write_sweep_report(sweep_dir, config)
+        failed = [run.name for run in runs if run.status in ("failed", "unreadable")]
         if failed:
-            print(f"{len(failed)} of {len(rows)} jobs failed: {', '.join(failed)}", file=sys.stderr)
+            print(f"{len(failed)} of {len(runs)} jobs failed: {', '.join(failed)}", file=sys.stderr)
             sys.exit(1)
+
+
+def write_sweep_report(sweep_dir: Path, config: DictConfig) -> None:
+    """The comparison report into the sweep dir; a problem with it never hides the jobs' own status."""
+    from cnnlab.report.compare import write_report  # matplotlib and pandas load only when a sweep ends
+
+    try:
+        report = write_report([sweep_dir], sweep_dir, metric=str(OmegaConf.select(config, "report.metric", default="test_acc")),
+                              facet=list(OmegaConf.select(config, "report.facet", default=[])))
+    except ConfigError as err:
+        print(f"sweep report not written: {err}", file=sys.stderr)
+        return
+    except Exception:  # a bug in the report must not cost the user the sweep's exit status
+        print("sweep report not written:", file=sys.stderr)
+        traceback.print_exc()
+        return
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"report: {(sweep_dir / 'sweep_summary.md').resolve()}")
 
 
 def unwritable_reason(path: Path) -> str | None:

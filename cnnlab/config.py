@@ -21,6 +21,7 @@ from cnnlab.checks import ConfigError, check_choice, check_range
 from cnnlab.data import DatasetConfig
 from cnnlab.data import schema_for as dataset_schema
 from cnnlab.data.augment import AugmentationConfig
+from cnnlab.report.sweep import ReportConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -86,12 +87,13 @@ class RunConfig:
     augmentation: AugmentationConfig
     trainer: TrainerConfig
     viz: VizConfig
+    report: ReportConfig
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-# group -> (name -> schema); the trainer has a single schema
+# group -> (name -> schema); trainer, viz and report have a single schema
 SCHEMAS: dict[str, Callable[[str], type]] = {
     "model": models.schema_for,
     "dataset": dataset_schema,
@@ -101,6 +103,7 @@ SCHEMAS: dict[str, Callable[[str], type]] = {
     "augmentation": lambda name: AugmentationConfig,
     "trainer": lambda name: TrainerConfig,
     "viz": lambda name: VizConfig,
+    "report": lambda name: ReportConfig,
 }
 
 
@@ -109,7 +112,7 @@ def typed_group(group: str, node: Any) -> Any:
 
     OmegaConf's type and unknown-key errors become ConfigErrors naming the full key.
     """
-    schema = SCHEMAS[group](node.get("name"))  # trainer and viz have one schema and no name
+    schema = SCHEMAS[group](node.get("name"))  # trainer, viz and report have no name
     try:
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except OmegaConfBaseException as err:

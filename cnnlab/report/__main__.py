@@ -1,0 +1,48 @@
+"""`python -m cnnlab.report DIR [DIR ...]` (or `cnnlab report ...`): compare a sweep or any set of runs."""
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from cnnlab.checks import ConfigError
+from cnnlab.report.compare import write_report
+from cnnlab.report.sweep import RANK_METRICS
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="cnnlab report",
+        description="Compare runs: a ranked table (csv + markdown) of the parameters that varied and the results, "
+                    "overlaid curves, test accuracy bars and confusion matrices.",
+    )
+    parser.add_argument("dirs", nargs="+", type=Path,
+                        help="a sweep directory, run directories, or folders holding runs (searched recursively)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the report goes; default: the directory given, or outputs/reports/<time> for several")
+    parser.add_argument("--metric", default="test_acc", choices=list(RANK_METRICS), help="rank runs by this (default test_acc)")
+    parser.add_argument("--facet", nargs="*", default=[], metavar="KEY",
+                        help="varied keys that get one row of panels each, e.g. --facet activation loss")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    out = args.out or (args.dirs[0] if len(args.dirs) == 1
+                       else Path("outputs/reports") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    facet = [key for item in args.facet for key in item.split(",") if key]  # accept a,b as well as a b
+    try:
+        report = write_report(args.dirs, out, metric=args.metric, facet=facet)
+    except ConfigError as err:
+        print(f"cnnlab report: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(report.table)} runs compared; varied: {', '.join(report.keys) or 'nothing'}")
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"report: {(report.out / 'sweep_summary.md').resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

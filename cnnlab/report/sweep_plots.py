@@ -1,0 +1,140 @@
+"""Comparison figures across runs: overlaid curves (faceted), test accuracy bars, confusion matrices.
+
+Each function returns its Figure so the caller decides where it goes (and tests can inspect it).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from itertools import product
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: sweeps run on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from cnnlab.report.sweep import Run, format_value, overfitting, run_label, short_names  # noqa: E402
+
+STATUS_COLORS = {"completed": "tab:blue", "diverged": "tab:orange", "failed": "tab:red", "interrupted": "tab:purple"}
+MAX_CONFUSION_PANELS = 48  # beyond this the panels are too small to read; the best-ranked are shown
+
+
+def curves_figure(runs: Sequence[Run], keys: Sequence[str], facet: Sequence[str] = ()) -> Figure:
+    """Loss and accuracy against epoch for every run with metrics: val solid, train dashed.
+
+    One row of panels per combination of the `facet` keys' values, one line (colour) per
+    setting of the other varied keys, the same colour in every row. A triangle marks each
+    run's lowest val loss when the loss rose after it (overfitting).
+    """
+    plotted = [run for run in runs if run.metrics is not None]
+    names = short_names(keys)
+    line_keys = [k for k in keys if k not in facet]
+    groups = _facet_groups(plotted, facet)
+    labels = list(dict.fromkeys(run_label(run, line_keys, names) for run in plotted))
+    colors = dict(zip(labels, _palette(len(labels))))
+
+    fig, axes = plt.subplots(len(groups), 2, figsize=(13, 3.6 * len(groups)), squeeze=False, layout="constrained")
+    for (title, members), (ax_loss, ax_acc) in zip(groups, axes):
+        for run in members:
+            label = run_label(run, line_keys, names)
+            m = run.metrics
+            for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
+                for split, style in (("val", "-"), ("train", "--")):
+                    column = f"{split}_{metric}"
+                    if column in m and m[column].notna().any():
+                        (line,) = ax.plot(m["epoch"], m[column], style, color=colors[label], lw=1.4,
+                                          marker="o" if split == "val" else None, markersize=2.5)
+                        line.set_gid(run.name)  # which run a line belongs to, for readers of the figure
+            marker = overfitting(m)
+            if marker["overfit"]:
+                ax_loss.plot(marker["min_val_loss_epoch"], marker["min_val_loss"], "v", color=colors[label],
+                             markersize=9, markeredgecolor="black")
+        for ax, what in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+            ax.set_title(f"{title}: {what}" if title else what, fontsize=10)
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        _legend(ax_acc, [(colors[label], label) for label in dict.fromkeys(
+            run_label(run, line_keys, names) for run in members)])
+    fig.suptitle("val solid, train dashed; ▼ lowest val loss of a run that overfitted", fontsize=10)
+    return fig
+
+
+def _facet_groups(runs: Sequence[Run], facet: Sequence[str]) -> list[tuple[str, list[Run]]]:
+    if not facet:
+        return [("", list(runs))]
+    names = short_names(facet)
+    values = [list(dict.fromkeys(format_value(run.params.get(k)) for run in runs)) for k in facet]
+    groups = []
+    for combo in product(*values):
+        members = [run for run in runs if tuple(format_value(run.params.get(k)) for k in facet) == combo]
+        if members:
+            groups.append((", ".join(f"{names[k]}={v}" for k, v in zip(facet, combo)), members))
+    return groups
+
+
+def _palette(n: int) -> list:
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20" if n <= 20 else "viridis")
+    return [cmap(i) if n <= 20 else cmap(i / max(n - 1, 1)) for i in range(n)]
+
+
+def _legend(ax: plt.Axes, entries: list[tuple]) -> None:
+    handles = [Line2D([], [], color=color, lw=2, label=label) for color, label in entries]
+    if len(handles) <= 8:
+        ax.legend(handles=handles, fontsize=8, loc="best")
+    else:  # many lines: outside the panel so no curve is hidden
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+
+
+def accuracy_bars_figure(table: pd.DataFrame, labels: dict[str, str]) -> Figure:
+    """Test accuracy per run in ranking order, best at the top, coloured by status."""
+    acc = pd.to_numeric(table["test_acc"], errors="coerce").fillna(0.0)
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.38 * len(table)))
+    y = np.arange(len(table))[::-1]
+    colors = [STATUS_COLORS.get(status, "tab:gray") for status in table["status"]]
+    ax.barh(y, acc, color=colors)
+    for yi, value, status in zip(y, acc, table["status"]):
+        text = f"{value:.4f}" if status == "completed" else f"{status} {value:.4f}" if value else status
+        ax.text(value + 0.005, yi, text, va="center", fontsize=8)
+    ax.set_yticks(y, [labels[name] for name in table["run"]], fontsize=8)
+    ax.set_xlim(0, min(1.15, acc.max() * 1.15 + 0.05))  # room for the value labels
+    ax.set_xlabel("test accuracy")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Test accuracy per run")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_grid_figure(runs: Sequence[Run], labels: dict[str, str]) -> Figure | None:
+    """Each run's test confusion matrix as row rates (fraction of each true class), side by side."""
+    shown = [run for run in runs if (run.path / "confusion_matrix.csv").is_file()][:MAX_CONFUSION_PANELS]
+    if not shown:
+        return None
+    cols = math.ceil(math.sqrt(len(shown)))
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.6 * rows), squeeze=False, layout="constrained")
+    image = None
+    for ax, run in zip(axes.flat, shown):
+        matrix = pd.read_csv(run.path / "confusion_matrix.csv", index_col=0)
+        counts = matrix.to_numpy(dtype=float)
+        rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        k = len(matrix)
+        if k <= 10:
+            ax.set_xticks(range(k), [str(c)[:8] for c in matrix.columns], rotation=90, fontsize=6)
+            ax.set_yticks(range(k), [str(c)[:8] for c in matrix.index], fontsize=6)
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        accuracy = np.trace(counts) / max(counts.sum(), 1)
+        ax.set_title(f"{labels[run.name]}\nacc {accuracy:.3f}", fontsize=7)
+    for ax in axes.flat[len(shown):]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="fraction of true class")
+    fig.suptitle("Test confusion matrices (rows: true class, columns: predicted)", fontsize=10)
+    return fig
