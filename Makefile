@@ -10,7 +10,7 @@ ARGS ?=
 run: $(VENV)/.installed
 	$(PY) -m cnnlab $(ARGS)
 
-## test: create .venv with the dev extras and run the test suite
+## test: create .venv with the dev and launchers extras and run the test suite
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q $(ARGS)
 
@@ -25,8 +25,9 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# the launchers extra too: tests/test_launchers.py runs real joblib and submitit sweeps
 $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,launchers]'
 	touch $@ $(VENV)/.installed
 
 clean:

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from cnnlab.checks import ConfigError
 from cnnlab.config import config_dir, validate
+from cnnlab.launch import job_placement, missing_launcher_message
 from cnnlab.report import write_summary
 from cnnlab.train import fit
 
@@ -26,7 +27,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     overrides = list(hydra_cfg.overrides.task)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        summary = fit(validate(cfg), run_dir, overrides)
+        with job_placement(cfg):  # jobs side by side: a share of the CPU threads, a GPU each
+            summary = fit(validate(cfg), run_dir, overrides)
     except Exception as err:
         if not (run_dir / "summary.json").exists():  # fit() records its own failures
             write_summary(run_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}", "overrides": overrides})
@@ -57,6 +59,10 @@ def main() -> None:
     """`cnnlab [overrides]` trains; `cnnlab models ...` lists the model zoo; `cnnlab report DIR` compares runs."""
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         sys.exit(_subcommands()[sys.argv[1]](sys.argv[2:]))
+    message = missing_launcher_message(sys.argv[1:])
+    if message:
+        print(message, file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 

@@ -43,11 +43,12 @@ def select_device(name: str) -> torch.device:
     """auto picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if name == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    elif (name == "cuda" and not cuda) or (name == "mps" and not mps):
         found = ", ".join(["cpu"] + (["cuda"] if cuda else []) + (["mps"] if mps else []))
         raise ConfigError(f"trainer.device={name} but torch sees no {name} device here; available: {found} (or auto)")
-    return torch.device(name)
+    # cuda:<index>, not bare cuda, so summary.json says which GPU a job of a parallel sweep had
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -197,7 +198,7 @@ def fit(run: RunConfig, run_dir: Path, overrides: list[str] | None = None) -> di
         "model": run.model.name,
         "dataset": run.dataset.name,
         "overrides": list(overrides or []),
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "cnnlab_version": cnnlab.__version__,
         "torch_version": torch.__version__,
         "host": platform.node(),
@@ -211,7 +212,7 @@ def fit(run: RunConfig, run_dir: Path, overrides: list[str] | None = None) -> di
         summary.update(status="failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
-        summary["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        summary["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         report.write_summary(run_dir, summary)
 
 
