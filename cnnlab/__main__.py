@@ -26,6 +26,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    sweep = hydra_cfg.sweeper.get("params")
+    if sweep and not multirun:  # a study preset run without -m: say what is being left out
+        axes = ", ".join(f"{key}={values}" for key, values in sweep.items())
+        log.warning("this config defines a sweep (%s) but runs once with its base settings; add -m to run the sweep", axes)
     try:
         with job_placement(cfg):  # jobs side by side: a share of the CPU threads, a GPU each
             summary = fit(validate(cfg), run_dir, overrides)
