@@ -11,10 +11,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from cnnlab.checkpoint import load_checkpoint
 from cnnlab.checks import ConfigError
 from cnnlab.config import config_dir, validate
+from cnnlab.interrupt import Interrupted
 from cnnlab.launch import job_placement, missing_launcher_message
 from cnnlab.report import write_summary
+from cnnlab.resume import resume_argv, resume_point, resumed_config
 from cnnlab.train import fit
 
 log = logging.getLogger("cnnlab")
@@ -31,8 +34,15 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         axes = ", ".join(f"{key}={values}" for key, values in sweep.items())
         log.warning("this config defines a sweep (%s) but runs once with its base settings; add -m to run the sweep", axes)
     try:
+        if cfg.trainer.get("resume"):  # the checkpoint's config, changed only where this command line says
+            point = resume_point(cfg.trainer.resume)
+            cfg = resumed_config(cfg, load_checkpoint(point.checkpoint)["config"], overrides)
+            run_dir = point.run_dir
         with job_placement(cfg):  # jobs side by side: a share of the CPU threads, a GPU each
             summary = fit(validate(cfg), run_dir, overrides)
+    except Interrupted as err:  # checkpointed at a step boundary; status: interrupted is in summary.json
+        log.warning("%s: checkpoint saved. Continue with: python -m cnnlab trainer.resume=%s", err, run_dir.resolve())
+        sys.exit(err.exit_code)
     except Exception as err:
         if not (run_dir / "summary.json").exists():  # fit() records its own failures
             write_summary(run_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}", "overrides": overrides})
@@ -66,6 +76,11 @@ def main() -> None:
     message = missing_launcher_message(sys.argv[1:])
     if message:
         print(message, file=sys.stderr)
+        sys.exit(2)
+    try:
+        sys.argv[1:] = resume_argv(sys.argv[1:])
+    except ConfigError as err:
+        print(err, file=sys.stderr)
         sys.exit(2)
     _hydra_main()
 

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cnnlab.checks import ConfigError
+
 FORMAT_VERSION = 1
 
 
@@ -62,9 +64,31 @@ def save_checkpoint(path: Path, **state: Any) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def restore_rng(state: dict[str, Any], data_generator: torch.Generator | None = None) -> None:
+    """Put every RNG back where rng_state() found it."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if data_generator is not None and state.get("data") is not None:
+        data_generator.set_state(state["data"])
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    # weights_only=False: the checkpoint also holds numpy/python RNG states; only load your own files.
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    if ckpt.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {ckpt.get('format_version')} is not {FORMAT_VERSION}")
+    """A cnnlab checkpoint; anything else (missing, truncated, another program's file) is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        # weights_only=False: the checkpoint also holds numpy/python RNG states; only load your own files.
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - torch raises pickle, zip and EOF errors for bad files
+        raise ConfigError(f"{path} is not a readable checkpoint (truncated or not written by cnnlab): "
+                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
+        raise ConfigError(f"{path} is not a cnnlab checkpoint (it has no format_version)")
+    if ckpt["format_version"] != FORMAT_VERSION:
+        raise ConfigError(f"{path}: checkpoint format {ckpt['format_version']} is not the format {FORMAT_VERSION} "
+                          f"this cnnlab reads; resume it with the cnnlab version that wrote it")
     return ckpt

@@ -53,6 +53,11 @@ class TrainerConfig:
     channels_last: bool = False
     num_threads: Optional[int] = None
     progress: bool = True
+    resume: Optional[str] = None
+    grad_clip: Optional[float] = None
+    deterministic: bool = False
+    doctor_every: int = 5
+    stop_when_stuck: bool = False
 
     def validate(self, prefix: str = "trainer") -> None:
         check_range(f"{prefix}.epochs", self.epochs, 1)
@@ -63,6 +68,9 @@ class TrainerConfig:
         check_choice(f"{prefix}.precision", self.precision, PRECISIONS)
         if self.num_threads is not None:
             check_range(f"{prefix}.num_threads", self.num_threads, 1)
+        if self.grad_clip is not None:
+            check_range(f"{prefix}.grad_clip", self.grad_clip, 0, low_inclusive=False)
+        check_range(f"{prefix}.doctor_every", self.doctor_every, 0)
 
 
 @dataclass

@@ -8,13 +8,16 @@ per-sample Python in the hot loop.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import math
+import os
 import platform
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +29,7 @@ from tqdm import tqdm
 
 import cnnlab
 from cnnlab import report, viz
-from cnnlab.checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint
+from cnnlab.checkpoint import atomic_write_text, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from cnnlab.checks import ConfigError
 from cnnlab.config import RunConfig
 from cnnlab.data import DatasetSpec, Split, load_dataset, spec_for
@@ -34,7 +37,9 @@ from cnnlab.data.augment import Pipeline, build_pipeline
 from cnnlab.losses import LossFn, build_loss
 from cnnlab.models import build_model
 from cnnlab.models.card import human, model_card
+from cnnlab.interrupt import GracefulStop, Interrupted
 from cnnlab.optim import build_optimizer, build_scheduler
+from cnnlab.resume import check_epochs, resume_point, trim_metrics
 
 log = logging.getLogger("cnnlab")
 
@@ -76,17 +81,21 @@ class Batches:
             return n // self.batch_size
         return math.ceil(n / self.batch_size)
 
+    def order(self) -> torch.Tensor | None:
+        """This epoch's sample order: a fresh randperm when shuffling, None for the stored order."""
+        if not self.shuffle:
+            return None
+        return torch.randperm(len(self.labels), device=self.labels.device, generator=self.generator)
+
+    def take(self, order: torch.Tensor | None, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of one epoch in `order`, from batch `start` on (a resumed epoch skips those done)."""
+        for i in range(start, len(self)):
+            span = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            idx = span if order is None else order[span]
+            yield self.images[idx], self.labels[idx]
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.labels)
-        if self.shuffle:
-            order = torch.randperm(n, device=self.labels.device, generator=self.generator)
-        for i in range(len(self)):
-            if self.shuffle:
-                idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-                yield self.images[idx], self.labels[idx]
-            else:
-                s = slice(i * self.batch_size, (i + 1) * self.batch_size)
-                yield self.images[s], self.labels[s]
+        return self.take(self.order())
 
 
 @dataclass
@@ -110,6 +119,79 @@ class StepContext:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
+@dataclass
+class EpochState:
+    """How far one training epoch got. An interrupt checkpoint saves it, so a resume continues
+    the same epoch at the next batch, with the same order and the same running sums."""
+
+    order: torch.Tensor | None  # this epoch's sample order
+    lr: float  # at the start of the epoch: metrics.csv's lr
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    first_nonfinite: torch.Tensor  # the epoch's first step whose loss was NaN/inf; -1 while none
+    step: int = 0  # batches done
+    seen: int = 0
+    seconds: float = 0.0  # training time spent in this epoch so far
+
+    @classmethod
+    def begin(cls, batches: Batches, optimizer: torch.optim.Optimizer, device: torch.device) -> EpochState:
+        return cls(
+            order=batches.order(), lr=optimizer.param_groups[0]["lr"],
+            loss_sum=torch.zeros((), device=device), correct=torch.zeros((), dtype=torch.long, device=device),
+            first_nonfinite=torch.full((), -1, dtype=torch.long, device=device),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> EpochState:
+        return cls(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state.items()})
+
+    def results(self) -> tuple[float, float, int]:
+        """(mean loss, accuracy, images seen): the epoch's one host sync."""
+        return self.loss_sum.item() / self.seen, self.correct.item() / self.seen, self.seen
+
+
+def run_steps(
+    model: torch.nn.Module,
+    batches: Batches,
+    ctx: StepContext,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: EpochState,
+    progress: tqdm | None = None,
+    stop: Callable[[], bool] | None = None,
+    grad_clip: float | None = None,
+) -> EpochState:
+    """Train from state.step to the end of the epoch, or until stop() says so after a step."""
+    model.train()
+    for images, labels in batches.take(state.order, state.step):
+        x = ctx.inputs(images, train=True)
+        with ctx.autocast():
+            logits = model(x)
+            loss = ctx.loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        loss = loss.detach()
+        # remembered on the device: checking each step on the host would sync every step
+        state.first_nonfinite = torch.where((state.first_nonfinite < 0) & ~torch.isfinite(loss),
+                                            state.step, state.first_nonfinite)
+        state.loss_sum += loss * len(labels)
+        state.correct += (logits.argmax(1) == labels).sum()
+        state.seen += len(labels)
+        state.step += 1
+        if progress is not None:
+            progress.update(1)
+        if stop is not None and stop():
+            break
+    return state
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     batches: Batches,
@@ -118,26 +200,9 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: tqdm | None = None,
 ) -> tuple[float, float, int]:
-    """One pass over the training split; returns (mean loss, accuracy, images seen)."""
-    model.train()
-    loss_sum = torch.zeros((), device=ctx.device)
-    correct = torch.zeros((), dtype=torch.long, device=ctx.device)
-    seen = 0
-    for images, labels in batches:
-        x = ctx.inputs(images, train=True)
-        with ctx.autocast():
-            logits = model(x)
-            loss = ctx.loss_fn(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss.detach() * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
-        seen += len(labels)
-        if progress is not None:
-            progress.update(1)
-    return loss_sum.item() / seen, correct.item() / seen, seen  # the epoch's one host sync
+    """One whole pass over the training split; returns (mean loss, accuracy, images seen)."""
+    state = EpochState.begin(batches, optimizer, ctx.device)
+    return run_steps(model, batches, ctx, optimizer, scheduler, state, progress).results()
 
 
 @dataclass
@@ -190,41 +255,91 @@ def _split_to(split: Split | None, device: torch.device) -> Split | None:
     return None if split is None else Split(split.images.to(device), split.labels.to(device))
 
 
+def configure_determinism(deterministic: bool) -> None:
+    """trainer.deterministic: bitwise-repeatable runs; on CUDA at some cost in speed."""
+    torch.backends.cudnn.benchmark = not deterministic  # autotuned conv kernels may differ run to run
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.backends.cudnn.deterministic = True
+        # warn_only: CUDA bincount (confusion counts) has no deterministic kernel, yet integer counts
+        # are exact whatever the order; everything that has one uses it
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
 def fit(run: RunConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train one run and write every file of the run-directory contract; returns the summary."""
+    """Train one run, or continue it with trainer.resume, writing every file of the run-directory contract.
+
+    Returns the summary. A resume that fails before training starts leaves the run's
+    summary.json as it was; any other failure is recorded in it.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
         "status": "running",
         "model": run.model.name,
         "dataset": run.dataset.name,
         "overrides": list(overrides or []),
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "started_at": _now(),
         "cnnlab_version": cnnlab.__version__,
         "torch_version": torch.__version__,
         "host": platform.node(),
     }
+    if run.trainer.resume:
+        previous = run_dir / "summary.json"
+        summary = {**(json.loads(previous.read_text()) if previous.is_file() else summary), "status": "resuming"}
     try:
-        return _fit(run, run_dir, summary)
+        # signals are caught from the start, so one that comes during set-up also stops cleanly at the first step
+        with GracefulStop() as stop:
+            return _fit(run, run_dir, summary, list(overrides or []), stop)
+    except Interrupted:
+        raise  # _fit checkpointed and recorded where
     except KeyboardInterrupt:
         summary.update(status="interrupted")
         raise
     except BaseException as err:
-        summary.update(status="failed", error=f"{type(err).__name__}: {err}")
+        if summary["status"] != "resuming":
+            summary.update(status="failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
-        summary["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        report.write_summary(run_dir, summary)
+        if summary["status"] != "resuming":
+            summary["finished_at"] = _now()
+            report.write_summary(run_dir, summary)
 
 
-def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+def _restore(path: Path, run: RunConfig, device: torch.device, model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+             generator: torch.Generator) -> dict[str, Any]:
+    """Load a checkpoint into the freshly built run: weights, optimizer, schedule position, RNGs."""
+    ckpt = load_checkpoint(path, map_location=device)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ConfigError(f"{path} does not fit this {run.model.name} run (was it written for another model "
+                          f"or optimizer?): {str(err).splitlines()[0]}") from None
+    # The schedule itself is rebuilt from the config, so a larger trainer.epochs re-plans it;
+    # only its position (the step count) comes from the checkpoint.
+    state = dict(ckpt["scheduler"], lr_lambdas=[None] * len(scheduler.lr_lambdas))
+    scheduler.load_state_dict(state)
+    if ckpt["config"]["trainer"]["epochs"] != run.trainer.epochs:
+        for group, base, schedule in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * schedule(scheduler.last_epoch)
+    restore_rng(ckpt["rng"], generator)
+    return ckpt
+
+
+def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list[str],
+         stop: GracefulStop) -> dict[str, Any]:
     t = run.trainer
+    configure_determinism(t.deterministic)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     prep = prepare(run)
     device, spec, model = prep.device, prep.spec, prep.model
     card = model_card(model, run.model.name, prep.pipeline.output_shape, spec.num_classes)
-    atomic_write_text(run_dir / "model_summary.txt", card.text())
-    summary.update(device=str(device), num_classes=spec.num_classes, seed=t.seed, **card.summary_fields())
     log.info("model %s: %s parameters (%.2f MB), %s MACs per image, input %s, device %s",
              run.model.name, f"{card.params_total:,}", card.model_size_mb, human(card.macs_per_image),
              "x".join(map(str, card.input_shape)), device)
@@ -233,9 +348,8 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, An
 
     data = load_dataset(run.dataset, seed=t.seed)
     train, val, test = (_split_to(s, device) for s in (data.train, data.val, data.test))
-    summary.update(train_size=len(train), val_size=len(val) if val else 0, test_size=len(test))
     log.info("data %s: %d train / %d val / %d test images, %d classes",
-             spec.name, len(train), summary["val_size"], len(test), spec.num_classes)
+             spec.name, len(train), len(val) if val else 0, len(test), spec.num_classes)
 
     model.to(device)
     if t.channels_last:
@@ -251,23 +365,67 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, An
     )
     if t.precision == "bf16" and not ctx.bf16:
         log.warning("trainer.precision=bf16 applies on CUDA only; training in fp32 on %s", device)
-    summary["precision"] = "bf16" if ctx.bf16 else "fp32"
     batches = Batches(train.images, train.labels, t.batch_size, shuffle=True, drop_last=True, generator=generator)
     optimizer = build_optimizer(run.optimizer, model.parameters())
     scheduler = build_scheduler(run.scheduler, optimizer, len(batches), t.epochs)
 
+    best_acc, best_epoch, train_seconds, done, partial = -1.0, 0, 0.0, 0, None
+    if t.resume:
+        point = resume_point(t.resume)
+        ckpt = _restore(point.checkpoint, run, device, model, optimizer, scheduler, generator)
+        done = ckpt["epoch"]
+        if ckpt.get("partial") is None:
+            check_epochs(t.epochs, done, point.checkpoint)
+        best_acc, best_epoch = ckpt.get("best_val_acc", -1.0), ckpt.get("best_epoch", done)
+        train_seconds = ckpt.get("train_seconds", 0.0)
+        partial = EpochState.from_state_dict(ckpt["partial"], device) if ckpt.get("partial") else None
+        trim_metrics(run_dir, done)
+        summary.setdefault("resumes", []).append(
+            {"at": _now(), "checkpoint": str(point.checkpoint), "epoch": done, "step": ckpt["step"],
+             "epochs": t.epochs, "overrides": overrides})
+        for stale in ("error", "interrupted_at", "resume_command", "diagnosis", "finished_at"):
+            summary.pop(stale, None)
+        log.info("resumed %s at epoch %d%s, step %d; training to epoch %d", point.checkpoint, done,
+                 f" + {partial.step} batches" if partial else "", ckpt["step"], t.epochs)
+    summary["status"] = "running"
+    atomic_write_text(run_dir / "model_summary.txt", card.text())
+    summary.update(device=str(device), num_classes=spec.num_classes, seed=t.seed, **card.summary_fields(),
+                   train_size=len(train), val_size=len(val) if val else 0, test_size=len(test),
+                   precision="bf16" if ctx.bf16 else "fp32")
+
     ckpt_dir = run_dir / "checkpoints"
-    best_acc, best_epoch, train_seconds, step = -1.0, 0, 0.0, 0
+
+    def checkpoint(path: Path, epoch: int, state: EpochState | None = None, val_acc: float | None = None) -> None:
+        steps = epoch * len(batches) + (state.step if state else 0)
+        save_checkpoint(
+            path, model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            scaler=None,  # bf16 autocast needs no loss scaling; the slot keeps the format ready for fp16
+            epoch=epoch, step=steps, rng=rng_state(generator), config=run.to_dict(), val_acc=val_acc,
+            best_val_acc=best_acc, best_epoch=best_epoch, train_seconds=round(train_seconds, 3),
+            partial=state.state_dict() if state else None,
+        )
+
+    def interrupted(signum: int, epoch: int, state: EpochState | None) -> Interrupted:
+        where = {"epoch": epoch, "step": (epoch - 1) * len(batches) + (state.step if state else len(batches))}
+        summary.update(status="interrupted", interrupted_at=where, train_seconds=round(train_seconds, 3),
+                       resume_command=f"python -m cnnlab trainer.resume={run_dir.resolve()}")
+        return Interrupted(signum)
+
     show_progress = t.progress and sys.stderr.isatty()
-    for epoch in range(1, t.epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
+    for epoch in range(done + 1, t.epochs + 1):
+        state, partial = partial or EpochState.begin(batches, optimizer, device), None
         tic = time.perf_counter()
-        with tqdm(total=len(batches), desc=f"epoch {epoch}/{t.epochs}", leave=False, delay=2,
-                  disable=not show_progress, file=sys.stderr) as bar:
-            train_loss, train_acc, seen = train_one_epoch(model, batches, ctx, optimizer, scheduler, bar)
-        train_time = time.perf_counter() - tic
-        train_seconds += train_time
-        step += len(batches)
+        with tqdm(total=len(batches), initial=state.step, desc=f"epoch {epoch}/{t.epochs}", leave=False,
+                  delay=2, disable=not show_progress, file=sys.stderr) as bar:
+            run_steps(model, batches, ctx, optimizer, scheduler, state, bar, stop.requested, t.grad_clip)
+        elapsed = time.perf_counter() - tic
+        state.seconds += elapsed
+        train_seconds += elapsed
+        if state.step < len(batches):  # a signal stopped the epoch between two steps
+            checkpoint(ckpt_dir / "last.pt", epoch - 1, state)
+            raise interrupted(stop.signum, epoch, state)
+
+        train_loss, train_acc, seen = state.results()
         val_result = evaluate(model, val, ctx, t.eval_batch_size, spec.num_classes) if val else None
         row = {
             "epoch": epoch,
@@ -275,9 +433,9 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, An
             "train_acc": train_acc,
             "val_loss": val_result.loss if val_result else "",
             "val_acc": val_result.acc if val_result else "",
-            "lr": lr,
-            "epoch_seconds": round(time.perf_counter() - tic, 4),
-            "images_per_second": round(seen / train_time, 1),
+            "lr": state.lr,
+            "epoch_seconds": round(state.seconds + time.perf_counter() - tic - elapsed, 4),
+            "images_per_second": round(seen / state.seconds, 1),
         }
         report.append_metrics(run_dir, row)
         summary.update(epochs_completed=epoch, train_seconds=round(train_seconds, 3),
@@ -285,26 +443,23 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, An
         if val_result:
             summary.update(final_val_loss=val_result.loss, final_val_acc=val_result.acc)
         val_text = f"val loss {val_result.loss:.4f} acc {val_result.acc:.2%}  " if val_result else ""
-        log.info("epoch %d/%d  train loss %.4f acc %.2f%%  %slr %.3g  %.1fs  %.0f img/s",
-                 epoch, t.epochs, train_loss, 100 * train_acc, val_text, lr, row["epoch_seconds"], seen / train_time)
+        log.info("epoch %d/%d  train loss %.4f acc %.2f%%  %slr %.3g  %.1fs  %.0f img/s", epoch, t.epochs,
+                 train_loss, 100 * train_acc, val_text, state.lr, row["epoch_seconds"], seen / state.seconds)
 
-        if not math.isfinite(train_loss):
-            summary.update(status="diverged", diverged_epoch=epoch)
-            log.error("training diverged in epoch %d: the loss is %s. Try a lower optimizer.lr, "
-                      "a warm-up (scheduler.warmup_epochs=1) or model.batch_norm=true.", epoch, train_loss)
+        first_bad = int(state.first_nonfinite.item())
+        if first_bad >= 0 or not math.isfinite(train_loss):
+            _diverged(run, summary, epoch, (epoch - 1) * len(batches) + max(first_bad, 0) + 1)
             break
 
-        state = dict(
-            model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            epoch=epoch, step=step, rng=rng_state(generator), config=run.to_dict(),
-            val_acc=val_result.acc if val_result else None,
-        )
-        save_checkpoint(ckpt_dir / "last.pt", **state)
         # Without a validation split the last epoch stands in for the best one.
         score = val_result.acc if val_result else float(epoch)
         if score > best_acc:
             best_acc, best_epoch = score, epoch
-            save_checkpoint(ckpt_dir / "best.pt", **state)
+        checkpoint(ckpt_dir / "last.pt", epoch, val_acc=val_result.acc if val_result else None)
+        if best_epoch == epoch:
+            checkpoint(ckpt_dir / "best.pt", epoch, val_acc=val_result.acc if val_result else None)
+        if stop.requested():  # the signal came during validation or the save: stop at this boundary
+            raise interrupted(stop.signum, epoch, None)
 
     summary.update(best_epoch=best_epoch or None, best_val_acc=best_acc if (val and best_epoch) else None)
     if best_epoch:
@@ -321,6 +476,21 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, An
         summary["status"] = "completed"
     summary["config"] = run.to_dict()
     return summary
+
+
+def _diverged(run: RunConfig, summary: dict[str, Any], epoch: int, step: int) -> None:
+    """status: diverged, where, and the console hints that apply to this config."""
+    summary.update(status="diverged", diverged_epoch=epoch, diverged_step=step)
+    hints = [f"a lower learning rate (optimizer.lr={run.optimizer.lr / 10:g})"]
+    if not run.scheduler.warmup_epochs:
+        hints.append("a warm-up (scheduler.warmup_epochs=1)")
+    if not run.trainer.grad_clip:
+        hints.append("gradient clipping (trainer.grad_clip=1.0)")
+    if getattr(run.model, "batch_norm", True) is False:
+        hints.append("batch norm (model.batch_norm=true)")
+    summary["hints"] = hints
+    log.error("training diverged: the loss became NaN/inf at step %d (epoch %d), so the run stopped there. "
+              "Try %s.", step, epoch, ", ".join(hints))
 
 
 def _draw_feature_maps(run: RunConfig, run_dir: Path, model: torch.nn.Module, test: Split, ctx: StepContext,

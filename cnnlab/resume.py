@@ -1,0 +1,104 @@
+"""`trainer.resume=<run dir or checkpoint>`: continue a run in its own directory, exactly.
+
+The resumed run takes its config from the checkpoint; only the keys given on this command line
+change, and only those that cannot change the results so far (more epochs, another device, ...).
+It writes into the original run directory, so metrics.csv stays one continuous log.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from cnnlab.checkpoint import atomic_write_text
+from cnnlab.checks import ConfigError
+
+RESUME_KEY = "trainer.resume"
+# keys a resumed run may change: they do not alter what was trained so far
+CHANGEABLE = (
+    "trainer.epochs", "trainer.resume", "trainer.device", "trainer.progress", "trainer.eval_batch_size",
+    "trainer.num_threads", "trainer.stop_when_stuck", "trainer.doctor_every", "viz", "report",
+)
+
+
+@dataclass
+class ResumePoint:
+    run_dir: Path
+    checkpoint: Path
+
+
+def resume_point(path: str | Path) -> ResumePoint:
+    """A run directory (its checkpoints/last.pt) or a checkpoint file inside one."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        checkpoint = path / "checkpoints" / "last.pt"
+        if not checkpoint.is_file():
+            raise ConfigError(f"{RESUME_KEY}={path}: no checkpoints/last.pt in that directory; give a cnnlab run "
+                              "directory (outputs/runs/...) or a checkpoint file (.../checkpoints/last.pt or best.pt)")
+        return ResumePoint(path.resolve(), checkpoint.resolve())
+    if path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return ResumePoint(run_dir.resolve(), path.resolve())
+    raise ConfigError(f"{RESUME_KEY}={path} does not exist; give a cnnlab run directory or a checkpoint file")
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """Before Hydra starts: write into the resumed run's directory, and keep its .hydra/ as it was.
+
+    Hydra would otherwise make a new run directory and record there the default config this
+    command line composes, not the checkpoint's.
+    """
+    given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith(f"{RESUME_KEY}=")]
+    if not given or given[-1] in ("", "null"):
+        return argv
+    if "-m" in argv or "--multirun" in argv:
+        raise ConfigError(f"{RESUME_KEY} continues one run; drop -m (resume each run of a sweep on its own)")
+    point = resume_point(given[-1])
+    extra = [f"hydra.run.dir={point.run_dir}", "hydra.output_subdir=null"]
+    return argv + [e for e in extra if not any(a.startswith(e.split("=")[0] + "=") for a in argv)]
+
+
+def resumed_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> DictConfig:
+    """The checkpoint's config with this command line's changes, which must be CHANGEABLE ones."""
+    resumed = OmegaConf.create(saved)
+    parser = OverridesParser.create()
+    changed = []
+    for text in overrides:
+        key = parser.parse_override(text).key_or_group
+        if key in ("debug", "experiment") or key.startswith("hydra"):
+            continue
+        new = OmegaConf.select(cfg, key)
+        if new == OmegaConf.select(resumed, key):
+            continue
+        if not any(key == c or key.startswith(f"{c}.") for c in CHANGEABLE):
+            changed.append(f"{key} ({OmegaConf.select(resumed, key)} -> {new})")
+            continue
+        OmegaConf.update(resumed, key, new, merge=False)
+    for key in cfg:  # groups newer than the checkpoint take this command line's values
+        if key not in resumed:
+            resumed[key] = cfg[key]
+    if changed:
+        raise ConfigError(
+            f"cannot resume with a different {', '.join(changed)}: the checkpoint was trained with the first value. "
+            f"A resumed run may change only {', '.join(CHANGEABLE)}; start a new run for anything else")
+    return resumed
+
+
+def check_epochs(epochs: int, done: int, checkpoint: Path) -> None:
+    if epochs <= done and done:
+        raise ConfigError(f"{checkpoint} has finished {done} epoch(s) and trainer.epochs={epochs}: nothing to do. "
+                          f"Set trainer.epochs above {done} to extend the run")
+
+
+def trim_metrics(run_dir: Path, epoch: int) -> None:
+    """Drop metrics.csv rows after the checkpoint's epoch (written before a crash, never checkpointed)."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return
+    metrics = pd.read_csv(path)
+    if (metrics["epoch"] > epoch).any():
+        atomic_write_text(path, metrics[metrics["epoch"] <= epoch].to_csv(index=False))
