@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +48,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         if not (run_dir / "summary.json").exists():  # fit() records its own failures
             write_summary(run_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}", "overrides": overrides})
         if isinstance(err, ConfigError):
-            log.error("%s", err)  # bad input: one clear message, no traceback
+            # bad input: one clear message; the traceback only when debugging (Hydra's own switch)
+            log.error("%s", err, exc_info=os.environ.get("HYDRA_FULL_ERROR") == "1")
         elif multirun:
             log.exception("job failed")
         else:

@@ -65,14 +65,18 @@ def save_checkpoint(path: Path, **state: Any) -> None:
 
 
 def restore_rng(state: dict[str, Any], data_generator: torch.Generator | None = None) -> None:
-    """Put every RNG back where rng_state() found it."""
-    torch.set_rng_state(state["torch"])
+    """Put every RNG back where rng_state() found it.
+
+    RNG states are CPU byte tensors whatever the device; a checkpoint loaded with
+    map_location=cuda has moved them, so they come back to the CPU first.
+    """
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if data_generator is not None and state.get("data") is not None:
-        data_generator.set_state(state["data"])
+        data_generator.set_state(state["data"].cpu())
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 import cnnlab
-from cnnlab import report, viz
+from cnnlab import doctor, report, viz
 from cnnlab.checkpoint import atomic_write_text, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from cnnlab.checks import ConfigError
 from cnnlab.config import RunConfig
@@ -411,6 +411,7 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
                        resume_command=f"python -m cnnlab trainer.resume={run_dir.resolve()}")
         return Interrupted(signum)
 
+    probe = Split(train.images[: t.batch_size], train.labels[: t.batch_size])  # the doctor's fixed batch
     show_progress = t.progress and sys.stderr.isatty()
     for epoch in range(done + 1, t.epochs + 1):
         state, partial = partial or EpochState.begin(batches, optimizer, device), None
@@ -426,6 +427,7 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
             raise interrupted(stop.signum, epoch, state)
 
         train_loss, train_acc, seen = state.results()
+        eval_tic = time.perf_counter()
         val_result = evaluate(model, val, ctx, t.eval_batch_size, spec.num_classes) if val else None
         row = {
             "epoch": epoch,
@@ -434,7 +436,7 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
             "val_loss": val_result.loss if val_result else "",
             "val_acc": val_result.acc if val_result else "",
             "lr": state.lr,
-            "epoch_seconds": round(state.seconds + time.perf_counter() - tic - elapsed, 4),
+            "epoch_seconds": round(state.seconds + time.perf_counter() - eval_tic, 4),  # training + validation
             "images_per_second": round(seen / state.seconds, 1),
         }
         report.append_metrics(run_dir, row)
@@ -451,6 +453,14 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
             _diverged(run, summary, epoch, (epoch - 1) * len(batches) + max(first_bad, 0) + 1)
             break
 
+        diagnosis = None
+        if t.doctor_every and (epoch == 1 or epoch % t.doctor_every == 0):
+            diagnosis = doctor.examine(model, probe.images, probe.labels, ctx, run, epoch, train_loss, val_result,
+                                       spec.num_classes)
+            summary["diagnosis"] = diagnosis.to_dict() if diagnosis else None
+            if diagnosis:
+                log.warning("%s", diagnosis.text())
+
         # Without a validation split the last epoch stands in for the best one.
         score = val_result.acc if val_result else float(epoch)
         if score > best_acc:
@@ -460,6 +470,10 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
             checkpoint(ckpt_dir / "best.pt", epoch, val_acc=val_result.acc if val_result else None)
         if stop.requested():  # the signal came during validation or the save: stop at this boundary
             raise interrupted(stop.signum, epoch, None)
+        if diagnosis and diagnosis.stuck and t.stop_when_stuck:
+            summary.update(status="stuck", stopped_at_epoch=epoch)
+            log.warning("trainer.stop_when_stuck: ending the run after epoch %d of %d", epoch, t.epochs)
+            break
 
     summary.update(best_epoch=best_epoch or None, best_val_acc=best_acc if (val and best_epoch) else None)
     if best_epoch:

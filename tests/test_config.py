@@ -1,6 +1,10 @@
 """Every option of every group composes and validates; bad values fail with the key and the choices."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -115,6 +119,14 @@ def test_cli_bad_value_is_one_clear_message_without_traceback(tmp_path):
     assert "Traceback" not in output
     summary = (tmp_path / "run" / "summary.json").read_text()
     assert '"failed"' in summary and "optimizer.lr" in summary
+
+
+def test_cli_bad_value_shows_the_traceback_when_debugging(tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    result = subprocess.run([sys.executable, "-m", "cnnlab", "optimizer.lr=-1", f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" in result.stdout + result.stderr and "ConfigError: optimizer.lr" in result.stdout + result.stderr
 
 
 def test_cli_unknown_group_option_lists_the_valid_ones(tmp_path):

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from cnnlab.config import config_dir, validate
-from tests.conftest import config_options, run_cnnlab
+from conftest import config_options, run_cnnlab
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 # preset -> the axes its sweep must have (the studies)

@@ -15,7 +15,7 @@ from cnnlab.report import METRIC_COLUMNS
 from cnnlab.report.compare import resolve_facet, write_report
 from cnnlab.report.sweep import find_runs, load_runs, varied_keys
 from cnnlab.report.sweep_plots import curves_figure
-from tests.conftest import run_cnnlab
+from conftest import run_cnnlab
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

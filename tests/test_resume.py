@@ -16,7 +16,7 @@ import torch
 from cnnlab.checkpoint import load_checkpoint, save_checkpoint
 from cnnlab.interrupt import GracefulStop
 from cnnlab.train import Batches, EpochState, StepContext, run_steps
-from tests.conftest import run_cnnlab
+from conftest import run_cnnlab
 
 SMOKE = ("+debug=smoke", "scheduler=step")  # a schedule that does not depend on trainer.epochs
 RESULT_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]  # all but timings

@@ -154,6 +154,7 @@ def test_lenet_on_real_fashion_mnist_reaches_85_percent_in_one_epoch(tmp_path, e
     assert summary["train_size"] == 54000 and summary["val_size"] == 6000
     assert summary["test_acc"] >= 0.85
     assert math.isfinite(summary["test_loss"])
+    assert summary["diagnosis"] is None and "doctor:" not in (run_dir / "train.log").read_text()  # no false alarm
 
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
