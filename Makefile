@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test smoke clean
+.PHONY: run test smoke bench clean
 
 ## run: create .venv, install cnnlab and train the default experiment (LeNet on Fashion-MNIST)
 run: $(VENV)/.installed
@@ -17,6 +17,10 @@ test: $(VENV)/.installed-dev
 ## smoke: a tiny synthetic-data run, seconds on CPU
 smoke: $(VENV)/.installed
 	$(PY) -m cnnlab +debug=smoke $(ARGS)
+
+## bench: epoch time of cnnlab vs the usual DataLoader loop vs the bare model (LeNet, Fashion-MNIST)
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks.epoch --workers 0,2 $(ARGS)
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

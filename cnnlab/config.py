@@ -51,6 +51,7 @@ class TrainerConfig:
     seed: int = 0
     precision: str = "fp32"
     channels_last: bool = False
+    compile: bool = False
     num_threads: Optional[int] = None
     progress: bool = True
     resume: Optional[str] = None

@@ -366,6 +366,10 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
     if t.precision == "bf16" and not ctx.bf16:
         log.warning("trainer.precision=bf16 applies on CUDA only; training in fp32 on %s", device)
     batches = Batches(train.images, train.labels, t.batch_size, shuffle=True, drop_last=True, generator=generator)
+    # Training steps run the compiled module; it shares its weights with `model`, which evaluation,
+    # the doctor and checkpoints use. Training batches all have one shape (drop_last) and the
+    # compiled module only ever runs in train mode, so nothing recompiles after the first step.
+    step_model = torch.compile(model) if t.compile else model
     optimizer = build_optimizer(run.optimizer, model.parameters())
     scheduler = build_scheduler(run.scheduler, optimizer, len(batches), t.epochs)
 
@@ -418,7 +422,7 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
         tic = time.perf_counter()
         with tqdm(total=len(batches), initial=state.step, desc=f"epoch {epoch}/{t.epochs}", leave=False,
                   delay=2, disable=not show_progress, file=sys.stderr) as bar:
-            run_steps(model, batches, ctx, optimizer, scheduler, state, bar, stop.requested, t.grad_clip)
+            run_steps(step_model, batches, ctx, optimizer, scheduler, state, bar, stop.requested, t.grad_clip)
         elapsed = time.perf_counter() - tic
         state.seconds += elapsed
         train_seconds += elapsed

@@ -208,3 +208,18 @@ def test_jobs_on_a_multi_gpu_host_each_get_their_own_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert str(select_device("auto")) == str(select_device("cuda")) == "cuda:1"
+
+
+def test_jobs_run_side_by_side_give_the_results_they_give_alone(tmp_path):
+    """The concurrent sweep path changes where jobs run, never what they compute."""
+    grid = ("+debug=smoke", "optimizer.lr=0.1,0.02", "trainer.num_threads=1")  # one thread: bitwise comparable
+    together, alone = tmp_path / "together", tmp_path / "alone"
+    for sweep, launcher in ((together, ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")), (alone, ())):
+        done = run_cnnlab("-m", *grid, *launcher, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+    for lr in ("0.1", "0.02"):
+        (a,) = together.glob(f"*optimizer.lr={lr}*")
+        (b,) = alone.glob(f"*optimizer.lr={lr}*")
+        assert completed_summary(a)["test_acc"] == completed_summary(b)["test_acc"]
+        strip = lambda text: [line.split(",")[:6] for line in text.splitlines()]  # noqa: E731 - timings aside
+        assert strip((a / "metrics.csv").read_text()) == strip((b / "metrics.csv").read_text())
