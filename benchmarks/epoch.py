@@ -10,7 +10,8 @@ training split, with the same optimizer at a constant learning rate, for the sam
   transforms), a DataLoader with each --workers count, fp32, eager, `loss.item()` every step.
 - cnnlab: the training step and data path of `python -m cnnlab`: uint8 data resident on the
   device, batched on-device augmentation, one host sync per epoch; one row per --variants entry
-  (fp32, channels_last, bf16, compile and combinations joined by +).
+  (fp32, channels_last or cl, bf16, compile, graphs = compile with CUDA graphs (mode reduce-overhead),
+  and combinations joined by +).
 - bare: the model alone on resident, already-normalised random tensors: forward, backward, step.
   It is the floor: 1 - bare/path is the path's data-stall fraction (time not spent in the model).
 
@@ -49,7 +50,7 @@ from cnnlab.train import (
 # dense bf16 tensor-core peak (FLOP/s) by GPU name: the denominator of the achieved fraction
 PEAK_BF16 = {"H200": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100": 989e12,
              "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12}
-VARIANT_FLAGS = ("fp32", "channels_last", "bf16", "compile")
+VARIANT_FLAGS = ("fp32", "channels_last", "bf16", "compile", "graphs")  # graphs: compile mode reduce-overhead
 
 
 @dataclass
@@ -195,7 +196,8 @@ def _variant(name: str) -> dict[str, bool]:
     unknown = flags - set(VARIANT_FLAGS) - {"cl"}
     if unknown:
         raise SystemExit(f"unknown variant flag(s) {', '.join(sorted(unknown))}; use {', '.join(VARIANT_FLAGS)} joined by +")
-    return {"channels_last": bool(flags & {"channels_last", "cl"}), "bf16": "bf16" in flags, "compile": "compile" in flags}
+    return {"channels_last": bool(flags & {"channels_last", "cl"}), "bf16": "bf16" in flags,
+            "compile": bool(flags & {"compile", "graphs"}), "graphs": "graphs" in flags}
 
 
 def _prepared_model(bench: Bench, flags: dict[str, bool]) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -203,7 +205,9 @@ def _prepared_model(bench: Bench, flags: dict[str, bool]) -> tuple[torch.nn.Modu
     model = copy.deepcopy(bench.model).to(bench.device)
     if flags["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    return (torch.compile(model) if flags["compile"] else model), model
+    if not flags["compile"]:
+        return model, model
+    return torch.compile(model, mode="reduce-overhead" if flags["graphs"] else "default"), model
 
 
 def cnnlab_path(bench: Bench, variant: str) -> Row:
@@ -320,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="cnnlab config overrides, e.g. model=resnet18 dataset=cifar10")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per path; the last one is timed (default 2)")
     parser.add_argument("--workers", default="0,2", help="DataLoader num_workers for the reference, best one wins")
-    parser.add_argument("--variants", default="fp32", help="cnnlab variants: fp32, channels_last (cl), bf16, compile, joined by +")
+    parser.add_argument("--variants", default="fp32", help="cnnlab variants: fp32, channels_last (cl), bf16, compile, graphs, joined by +")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where the CSV and markdown go")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     bench = setup(args.overrides, args.epochs)

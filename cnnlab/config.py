@@ -40,6 +40,7 @@ def model_defaults(name: str) -> models.ModelConfig:
     path = Path(config_dir()) / "model" / f"{name}.yaml"
     return typed_group("model", OmegaConf.load(path) if path.is_file() else {"name": name})
 PRECISIONS = ("fp32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class TrainerConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "default"
     num_threads: Optional[int] = None
     progress: bool = True
     resume: Optional[str] = None
@@ -67,6 +69,7 @@ class TrainerConfig:
         check_choice(f"{prefix}.device", self.device, DEVICES)
         check_range(f"{prefix}.seed", self.seed, 0)
         check_choice(f"{prefix}.precision", self.precision, PRECISIONS)
+        check_choice(f"{prefix}.compile_mode", self.compile_mode, COMPILE_MODES)
         if self.num_threads is not None:
             check_range(f"{prefix}.num_threads", self.num_threads, 1)
         if self.grad_clip is not None:

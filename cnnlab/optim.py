@@ -6,6 +6,8 @@ smooth, and resuming only needs the step count.
 """
 from __future__ import annotations
 
+import inspect
+
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, List
@@ -82,11 +84,16 @@ def optimizer_schema(name: str) -> type[OptimizerConfig]:
 
 
 def build_optimizer(cfg: OptimizerConfig, params: Any) -> torch.optim.Optimizer:
+    params = list(params)
     kwargs = asdict(cfg)
     del kwargs["name"]
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    return OPTIMIZERS[cfg.name][1](params, **kwargs)
+    optimizer_class = OPTIMIZERS[cfg.name][1]
+    # On CUDA a small model's step is launch-bound; the fused kernels update every parameter at once.
+    if params and all(p.is_cuda for p in params) and "fused" in inspect.signature(optimizer_class).parameters:
+        kwargs["fused"] = True
+    return optimizer_class(params, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ RESUME_KEY = "trainer.resume"
 # keys a resumed run may change: they do not alter what was trained so far
 CHANGEABLE = (
     "trainer.epochs", "trainer.resume", "trainer.device", "trainer.progress", "trainer.eval_batch_size",
-    "trainer.num_threads", "trainer.compile", "trainer.stop_when_stuck", "trainer.doctor_every", "viz", "report",
+    "trainer.num_threads", "trainer.compile", "trainer.compile_mode", "trainer.stop_when_stuck", "trainer.doctor_every", "viz", "report",
 )
 
 

@@ -314,9 +314,12 @@ def _restore(path: Path, run: RunConfig, device: torch.device, model: torch.nn.M
              generator: torch.Generator) -> dict[str, Any]:
     """Load a checkpoint into the freshly built run: weights, optimizer, schedule position, RNGs."""
     ckpt = load_checkpoint(path, map_location=device)
+    fused = [group.get("fused") for group in optimizer.param_groups]  # a property of this device, not the saved one
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, flag in zip(optimizer.param_groups, fused):
+            group["fused"] = flag
     except (RuntimeError, ValueError, KeyError) as err:
         raise ConfigError(f"{path} does not fit this {run.model.name} run (was it written for another model "
                           f"or optimizer?): {str(err).splitlines()[0]}") from None
@@ -369,7 +372,7 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
     # Training steps run the compiled module; it shares its weights with `model`, which evaluation,
     # the doctor and checkpoints use. Training batches all have one shape (drop_last) and the
     # compiled module only ever runs in train mode, so nothing recompiles after the first step.
-    step_model = torch.compile(model) if t.compile else model
+    step_model = torch.compile(model, mode=t.compile_mode) if t.compile else model
     optimizer = build_optimizer(run.optimizer, model.parameters())
     scheduler = build_scheduler(run.scheduler, optimizer, len(batches), t.epochs)
 
