@@ -37,7 +37,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         if cfg.trainer.get("resume"):  # the checkpoint's config, changed only where this command line says
             point = resume_point(cfg.trainer.resume)
-            cfg = resumed_config(cfg, load_checkpoint(point.checkpoint)["config"], overrides)
+            cfg = resumed_config(cfg, load_checkpoint(point.checkpoint, mmap=True)["config"], overrides)
             run_dir = point.run_dir
         with job_placement(cfg):  # jobs side by side: a share of the CPU threads, a GPU each
             summary = fit(validate(cfg), run_dir, overrides)

@@ -79,14 +79,17 @@ def restore_rng(state: dict[str, Any], data_generator: torch.Generator | None = 
         data_generator.set_state(state["data"].cpu())
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A cnnlab checkpoint; anything else (missing, truncated, another program's file) is a ConfigError."""
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """A cnnlab checkpoint; anything else (missing, truncated, another program's file) is a ConfigError.
+
+    mmap=True maps the tensors instead of reading them: cheap when only the config is wanted.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
         # weights_only=False: the checkpoint also holds numpy/python RNG states; only load your own files.
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - torch raises pickle, zip and EOF errors for bad files
         raise ConfigError(f"{path} is not a readable checkpoint (truncated or not written by cnnlab): "
                           f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
