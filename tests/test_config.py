@@ -13,6 +13,7 @@ from cnnlab.config import RunConfig, validate
 from cnnlab.train import prepare
 
 from conftest import compose_config, config_options, run_cnnlab
+from test_folders import make_folder
 
 GROUPS = ("model", "dataset", "optimizer", "scheduler", "augmentation", "loss")
 
@@ -35,8 +36,10 @@ def resize_override(model: str) -> list[str]:
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in config_options(g)])
-def test_every_group_option_composes_validates_and_builds(group, option):
+def test_every_group_option_composes_validates_and_builds(group, option, tmp_path):
     extra = resize_override(option) if group == "model" else []
+    if (group, option) == ("dataset", "image_folder"):  # the one dataset without a default location
+        extra = [f"dataset.root={make_folder(tmp_path, {'train': {'cat': 2, 'dog': 2}, 'val': {'cat': 1, 'dog': 1}})}"]
     run = validate(compose_config(f"{group}={option}", "trainer.device=cpu", *extra))
     assert getattr(run, group).name == option
     # The model and input pipeline must build for this option before any data is touched.

@@ -6,18 +6,26 @@ load_dataset (whole splits as uint8 [N, C, H, W] CPU tensors, ready to move to t
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-from dataclasses import dataclass
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from cnnlab.checks import ConfigError, check_choice, check_range
-from cnnlab.data import sources
+from cnnlab.data import folders, sources
+from cnnlab.data.images import read_image
+
+log = logging.getLogger("cnnlab")
 
 # ------------------------------------------------------------------------------- configs
+
+LOADERS = ("auto", "resident", "streaming")
 
 
 @dataclass
@@ -30,9 +38,18 @@ class DatasetConfig:
     val_split: float = 0.1
     # quick runs: at most this many training examples (before the val split) and test examples
     subset: Optional[int] = None
+    # resident: whole splits live on the training device as uint8 (fastest); streaming: batches come
+    # through a DataLoader with workers (data larger than device memory); auto: resident when it fits
+    loader: str = "auto"
+    num_workers: Optional[int] = None  # streaming DataLoader worker processes; null = min(8, CPU cores)
 
     def validate(self, prefix: str = "dataset") -> None:
         check_choice(f"{prefix}.name", self.name, available())
+        check_choice(f"{prefix}.loader", self.loader, LOADERS)
+        if self.num_workers is not None:
+            if isinstance(self.num_workers, bool) or not _is_int(self.num_workers):
+                raise ConfigError(f"{prefix}.num_workers={self.num_workers!r} must be a whole number >= 0 or null")
+            check_range(f"{prefix}.num_workers", self.num_workers, 0)
         if not isinstance(self.root, str) or not self.root.strip():
             raise ConfigError(f"{prefix}.root={self.root!r} must be a folder path")
         if not isinstance(self.download, bool):
@@ -98,6 +115,77 @@ class SyntheticConfig(DatasetConfig):
         return min(self.train_size, self.subset) if self.subset else self.train_size
 
 
+@dataclass
+class TinyImageNetConfig(DatasetConfig):
+    """Tiny ImageNet: 100000 train / 10000 labelled val 64x64 colour images, 200 classes.
+    Its val/ set (labels from val_annotations.txt) is cnnlab's test split."""
+
+    name: str = "tiny_imagenet"
+    cache: bool = True  # keep decoded images in root/.cnnlab-cache (about 1.4 GB) so later runs start fast
+
+    def validate(self, prefix: str = "dataset") -> None:
+        if not isinstance(self.cache, bool):
+            raise ConfigError(f"{prefix}.cache={self.cache!r} must be true or false")
+        super().validate(prefix)
+
+
+@dataclass
+class ImageFolderConfig(DatasetConfig):
+    """Any root/train/<class>/ + val/<class>/ and/or test/<class>/ tree of image files."""
+
+    name: str = "image_folder"
+    root: str = "???"  # no default location: the user's own folder
+    download: bool = False  # nothing to download
+    image_size: Any = None  # int (square) or [height, width]; null = the first training image's size
+    channels: int = 3  # 3 = RGB, 1 = grayscale; every image is converted to it
+    mean: Optional[List[float]] = None  # per channel; null = ImageNet's stats (their luma for 1 channel)
+    std: Optional[List[float]] = None
+    cache: bool = True  # keep decoded images in root/.cnnlab-cache so later runs start fast
+
+    def validate(self, prefix: str = "dataset") -> None:
+        if isinstance(self.channels, bool) or not _is_int(self.channels) or self.channels not in (1, 3):
+            raise ConfigError(f"{prefix}.channels={self.channels!r} must be 3 (RGB) or 1 (grayscale)")
+        size = self.image_size
+        if size is not None:
+            sides = list(size) if isinstance(size, (list, tuple)) else [size]
+            if len(sides) not in (1, 2) or any(isinstance(v, bool) or not _is_int(v) for v in sides):
+                raise ConfigError(f"{prefix}.image_size={size!r} must be one whole number (square), "
+                                  f"[height, width] or null (the first training image's size)")
+            for side in sides:
+                check_range(f"{prefix}.image_size", side, 1, MAX_IMAGE_SIZE)
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if values is None:
+                continue
+            if (not isinstance(values, (list, tuple)) or len(values) != self.channels
+                    or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values)):
+                raise ConfigError(f"{prefix}.{key}={values!r} must be a list of {self.channels} number(s), "
+                                  f"one per channel ({prefix}.channels={self.channels}), or null")
+            for i, v in enumerate(values):
+                if key == "std":
+                    check_range(f"{prefix}.std[{i}]", v, 0, low_inclusive=False)
+                else:
+                    check_range(f"{prefix}.mean[{i}]", v, 0, 1)
+        if not isinstance(self.cache, bool):
+            raise ConfigError(f"{prefix}.cache={self.cache!r} must be true or false")
+        super().validate(prefix)
+
+    def size(self) -> tuple[int, int] | None:
+        if self.image_size is None:
+            return None
+        sides = list(self.image_size) if isinstance(self.image_size, (list, tuple)) else [self.image_size] * 2
+        return int(sides[0]), int(sides[-1])
+
+    def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        gray = self.channels == 1
+        mean = self.mean or (folders.IMAGENET_GRAY_MEAN if gray else folders.IMAGENET_MEAN)
+        std = self.std or (folders.IMAGENET_GRAY_STD if gray else folders.IMAGENET_STD)
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+MAX_IMAGE_SIZE = 4096  # pixels per side; larger is surely a typo (one 4096^2 RGB image is 50 MB)
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
 
@@ -150,13 +238,16 @@ _STATIC_SPECS = {
     "mnist": DatasetSpec("mnist", tuple(str(d) for d in range(10)), 1, 28, 28,
                          (0.1307,), (0.3081,)),
 }
-_TRAIN_SIZES = {"cifar10": 50000, "cifar100": 50000, "fashion_mnist": 60000, "mnist": 60000}
+_TRAIN_SIZES = {"cifar10": 50000, "cifar100": 50000, "fashion_mnist": 60000, "mnist": 60000,
+                "tiny_imagenet": folders.TINY_TRAIN_SIZE}
 _SCHEMAS: dict[str, type[DatasetConfig]] = {
     "cifar10": DatasetConfig,
     "cifar100": DatasetConfig,
     "fashion_mnist": DatasetConfig,
     "mnist": DatasetConfig,
     "synthetic": SyntheticConfig,
+    "tiny_imagenet": TinyImageNetConfig,
+    "image_folder": ImageFolderConfig,
 }
 
 
@@ -184,6 +275,17 @@ def spec_for(cfg: DatasetConfig) -> DatasetSpec:
         c, s = cfg.channels, cfg.image_size
         classes = tuple(f"class_{i}" for i in range(cfg.num_classes))
         return DatasetSpec("synthetic", classes, c, s, s, (0.5,) * c, (0.5,) * c)
+    if cfg.name == "tiny_imagenet":
+        # class names from wnids.txt/words.txt; placeholders until a pending download brings them
+        classes = folders.tiny_imagenet_classes(Path(cfg.root).expanduser(), cfg.download)
+        classes = classes or tuple(f"class_{i}" for i in range(folders.TINY_NUM_CLASSES))
+        return DatasetSpec("tiny_imagenet", classes, 3, *folders.TINY_SIZE, folders.TINY_MEAN, folders.TINY_STD)
+    if cfg.name == "image_folder":
+        root = Path(cfg.root).expanduser()
+        classes = folders.image_folder_classes(root)
+        height, width = cfg.size() or folders.first_image_size(root, classes)
+        mean, std = cfg.stats()
+        return DatasetSpec("image_folder", tuple(classes), cfg.channels, height, width, mean, std)
     return _STATIC_SPECS[cfg.name]
 
 
@@ -204,20 +306,73 @@ class Split:
 
 
 @dataclass
+class FileSplit:
+    """A split kept as image files, decoded on demand: by DataLoader workers when streaming, or
+    all at once by `load` for the resident path. Every image is read as `channels` x `size`."""
+
+    paths: list[Path]
+    labels: torch.Tensor  # int64 [N]
+    channels: int
+    size: tuple[int, int]  # (height, width) every image is framed to
+    # Decoded images kept on disk across runs (load reads them from there); cache_index: where each of
+    # these files sits in the cache's pool, so a subset or a val split shares the whole pool's cache.
+    cache: Optional[folders.ImageCache] = field(default=None, repr=False)
+    cache_index: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.cache is not None and self.cache_index is None:
+            self.cache_index = torch.arange(len(self.paths))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """uint8 [C, H, W] of one image."""
+        return read_image(self.paths[index], self.channels, self.size)
+
+    def take(self, index: torch.Tensor) -> FileSplit:
+        return FileSplit([self.paths[i] for i in index.tolist()], self.labels[index], self.channels, self.size,
+                         self.cache, None if self.cache is None else self.cache_index[index])
+
+    def head(self, n: int) -> Split:
+        """The first n images decoded: the doctor's probe batch, feature-map panels."""
+        n = min(n, len(self))
+        return Split(torch.stack([self[i] for i in range(n)]) if n else
+                     torch.empty(0, self.channels, *self.size, dtype=torch.uint8), self.labels[:n].clone())
+
+    def load(self, threads: int | None = None) -> Split:
+        """Every image decoded into one uint8 [N, C, H, W] tensor (threads: decoding releases the GIL);
+        with a cache, images decoded by an earlier run are read from it instead."""
+        if self.cache is not None:
+            return Split(self.cache.load(self.cache_index, threads), self.labels.clone())
+        images = torch.empty(len(self), self.channels, *self.size, dtype=torch.uint8)
+
+        def decode(i: int) -> None:
+            images[i] = self[i]
+
+        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+            list(pool.map(decode, range(len(self))))
+        return Split(images, self.labels.clone())
+
+
+@dataclass
 class DataBundle:
     spec: DatasetSpec
-    train: Split
-    val: Split | None
-    test: Split
+    train: Split | FileSplit
+    val: Split | FileSplit | None
+    test: Split | FileSplit
 
 
 def load_dataset(cfg: DatasetConfig, seed: int) -> DataBundle:
-    """Load a whole dataset as uint8 tensors; the subset and the val split are drawn with
-    torch.Generators seeded by `seed`, so the same seed always gives the same split."""
+    """Load a whole dataset as uint8 tensors (image-file datasets: as FileSplits, decoded later);
+    the subset and the val split are drawn with torch.Generators seeded by `seed`, so the same
+    seed always gives the same split."""
     cfg = _coerce(cfg)
     cfg.validate()
     spec = spec_for(cfg)
     root = Path(cfg.root).expanduser()
+    if isinstance(cfg, (TinyImageNetConfig, ImageFolderConfig)):
+        return _load_files(cfg, spec, root, seed)
     if cfg.name in sources.IDX_LAYOUT:
         raw = sources.load_idx_dataset(cfg.name, root, cfg.download)
     elif cfg.name in sources.CIFAR:
@@ -245,26 +400,60 @@ def load_dataset(cfg: DatasetConfig, seed: int) -> DataBundle:
                 f"or from another dataset: delete it and download again (dataset.download=true)"
             )
 
+    return _select(cfg, spec, Split(raw.train_images, raw.train_labels), Split(raw.test_images, raw.test_labels), seed)
+
+
+def _select(cfg: DatasetConfig, spec: DatasetSpec, pool: Split | FileSplit, test: Split | FileSplit, seed: int,
+            given_val: Split | FileSplit | None = None) -> DataBundle:
+    """The seeded subset of the training pool and of the test set, and the val split: carved from
+    the pool by dataset.val_split, or `given_val` (a dataset's own validation files) as it is."""
     train_gen = _generator(seed, 0)
-    pool = Split(raw.train_images, raw.train_labels)
     if cfg.subset is not None and cfg.subset < len(pool):
         pool = _take(pool, torch.randperm(len(pool), generator=train_gen)[: cfg.subset])
-    n_val = _val_count(cfg.val_split, len(pool))
-    if n_val >= len(pool):
-        raise ConfigError(
-            f"dataset.val_split={cfg.val_split!r} holds out {n_val} of the {len(pool)} training "
-            f"examples and leaves none for training; lower it"
-            + (" or raise dataset.subset" if cfg.subset else "")
-        )
     val = None
     train = pool
-    if n_val:
-        perm = torch.randperm(len(pool), generator=train_gen)
-        val, train = _take(pool, perm[:n_val]), _take(pool, perm[n_val:])
-    test = Split(raw.test_images, raw.test_labels)
+    if given_val is not None:
+        val = given_val
+        if cfg.subset is not None and cfg.subset < len(val):
+            val = _take(val, torch.randperm(len(val), generator=_generator(seed, 2))[: cfg.subset])
+    else:
+        n_val = _val_count(cfg.val_split, len(pool))
+        if n_val >= len(pool):
+            raise ConfigError(
+                f"dataset.val_split={cfg.val_split!r} holds out {n_val} of the {len(pool)} training "
+                f"examples and leaves none for training; lower it"
+                + (" or raise dataset.subset" if cfg.subset else "")
+            )
+        if n_val:
+            perm = torch.randperm(len(pool), generator=train_gen)
+            val, train = _take(pool, perm[:n_val]), _take(pool, perm[n_val:])
     if cfg.subset is not None and cfg.subset < len(test):
         test = _take(test, torch.randperm(len(test), generator=_generator(seed, 1))[: cfg.subset])
     return DataBundle(spec, _contiguous(train), None if val is None else _contiguous(val), _contiguous(test))
+
+
+def _load_files(cfg: TinyImageNetConfig | ImageFolderConfig, spec: DatasetSpec, root: Path, seed: int) -> DataBundle:
+    """Datasets of image files: FileSplits that decode on demand (or through the on-disk cache)."""
+    if isinstance(cfg, TinyImageNetConfig):
+        files = folders.load_tiny_imagenet(root, cfg.download)
+    else:
+        files = folders.load_image_folder(root)
+    spec = dataclasses.replace(spec, classes=files.classes)  # tiny_imagenet: real names after a download
+    size = (spec.height, spec.width)
+
+    def split(name: str, paths: list[Path], labels: torch.Tensor) -> FileSplit:
+        cache = (folders.ImageCache(root / folders.CACHE_DIR, f"{cfg.name}-{name}", paths, spec.channels, size)
+                 if cfg.cache else None)
+        return FileSplit(paths, labels, spec.channels, size, cache)
+
+    given_val = None
+    if files.val_paths is not None:
+        given_val = split("val", files.val_paths, files.val_labels)
+        if cfg.val_split:
+            log.info("dataset %s: %s is the validation split; dataset.val_split=%s is ignored",
+                     cfg.name, root / "val", cfg.val_split)
+    return _select(cfg, spec, split("train", files.train_paths, files.train_labels),
+                   split("test", files.test_paths, files.test_labels), seed, given_val)
 
 
 def _val_count(val_split: float, pool: int) -> int:
@@ -281,12 +470,16 @@ def _generator(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + stream) % 2**63)
 
 
-def _take(split: Split, index: torch.Tensor) -> Split:
+def _take(split: Split | FileSplit, index: torch.Tensor) -> Split | FileSplit:
     index = index.sort().values  # keep the file order: better locality, stable across seeds
+    if isinstance(split, FileSplit):
+        return split.take(index)
     return Split(split.images[index], split.labels[index])
 
 
-def _contiguous(split: Split) -> Split:
+def _contiguous(split: Split | FileSplit) -> Split | FileSplit:
+    if isinstance(split, FileSplit):
+        return dataclasses.replace(split, labels=split.labels.to(torch.int64).contiguous())
     return Split(split.images.contiguous(), split.labels.to(torch.int64).contiguous())
 
 

@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     args = parser.parse_args(argv)
 
-    table = model_table(args.dataset)
+    try:
+        table = model_table(args.dataset)
+    except ConfigError as err:  # image_folder takes its shape from files: it needs a dataset.root to list for
+        parser.error(f"--dataset {args.dataset} cannot be sized without its files ({err}); "
+                     "list the models for a built-in dataset of the same image size instead")
     if args.near:
         target = table.loc[table["model"] == args.near, "params"].iloc[0]
         if pd.isna(target):
