@@ -10,7 +10,7 @@ ARGS ?=
 run: $(VENV)/.installed
 	$(PY) -m cnnlab $(ARGS)
 
-## test: create .venv with the dev and launchers extras and run the test suite
+## test: create .venv with the dev, launchers and tracker extras and run the test suite
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q $(ARGS)
 
@@ -29,9 +29,10 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e .
 	touch $@
 
-# the launchers extra too: tests/test_launchers.py runs real joblib and submitit sweeps
+# the launchers and tracker extras too: tests/test_launchers.py runs real joblib and submitit sweeps,
+# tests/test_trackers.py real TensorBoard and MLflow runs
 $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install -q -e '.[dev,launchers]'
+	$(PY) -m pip install -q -e '.[dev,launchers,tensorboard,mlflow]'
 	touch $@ $(VENV)/.installed
 
 clean:

@@ -22,6 +22,7 @@ from cnnlab.data import DatasetConfig
 from cnnlab.data import schema_for as dataset_schema
 from cnnlab.data.augment import AugmentationConfig
 from cnnlab.report.sweep import ReportConfig
+from cnnlab.trackers import LoggerConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -100,12 +101,13 @@ class RunConfig:
     trainer: TrainerConfig
     viz: VizConfig
     report: ReportConfig
+    logger: LoggerConfig = dataclasses.field(default_factory=LoggerConfig)  # experiment trackers; none by default
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-# group -> (name -> schema); trainer, viz and report have a single schema
+# group -> (name -> schema); trainer, viz, report and logger have a single schema
 SCHEMAS: dict[str, Callable[[str], type]] = {
     "model": models.schema_for,
     "dataset": dataset_schema,
@@ -116,7 +118,10 @@ SCHEMAS: dict[str, Callable[[str], type]] = {
     "trainer": lambda name: TrainerConfig,
     "viz": lambda name: VizConfig,
     "report": lambda name: ReportConfig,
+    "logger": lambda name: LoggerConfig,
 }
+# groups a config may lack: configs saved before trackers existed, and `logger=[]`, mean no tracker
+OPTIONAL_GROUPS = ("logger",)
 
 
 def typed_group(group: str, node: Any) -> Any:
@@ -124,14 +129,17 @@ def typed_group(group: str, node: Any) -> Any:
 
     OmegaConf's type and unknown-key errors become ConfigErrors naming the full key.
     """
-    schema = SCHEMAS[group](node.get("name"))  # trainer, viz and report have no name
+    schema = SCHEMAS[group](node.get("name"))  # trainer, viz, report and logger have no name
     try:
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except OmegaConfBaseException as err:
         key = f"{group}.{err.full_key}" if err.full_key else group
         reason = str(err).splitlines()[0]
-        valid = ", ".join(f.name for f in dataclasses.fields(schema))
-        raise ConfigError(f"{key}: {reason}. Valid keys of {group} '{getattr(node, 'name', group)}': {valid}") from None
+        # a nested schema (logger.mlflow) lists its own keys, not the group's
+        owner = err.object_type if dataclasses.is_dataclass(err.object_type) and "." in str(err.full_key) else schema
+        valid = ", ".join(f.name for f in dataclasses.fields(owner))
+        where = key.rsplit(".", 1)[0] if owner is not schema else f"{group} '{getattr(node, 'name', group)}'"
+        raise ConfigError(f"{key}: {reason}. Valid keys of {where}: {valid}") from None
     obj.validate(group)
     return obj
 
@@ -141,10 +149,10 @@ def validate(cfg: DictConfig) -> RunConfig:
     unknown = sorted(set(cfg.keys()) - set(SCHEMAS))
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(SCHEMAS)}")
-    missing = [g for g in SCHEMAS if g not in cfg]
+    missing = [g for g in SCHEMAS if g not in cfg and g not in OPTIONAL_GROUPS]
     if missing:
         raise ConfigError(f"config group(s) {', '.join(missing)} missing; select one, e.g. {missing[0]}=...")
-    run = RunConfig(**{group: typed_group(group, cfg[group]) for group in SCHEMAS})
+    run = RunConfig(**{group: typed_group(group, cfg[group] if group in cfg else {}) for group in SCHEMAS})
     if run.scheduler.warmup_epochs >= run.trainer.epochs:
         raise ConfigError(
             f"scheduler.warmup_epochs={run.scheduler.warmup_epochs} must be shorter than trainer.epochs={run.trainer.epochs}"

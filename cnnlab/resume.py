@@ -21,7 +21,9 @@ RESUME_KEY = "trainer.resume"
 # keys a resumed run may change: they do not alter what was trained so far
 CHANGEABLE = (
     "trainer.epochs", "trainer.resume", "trainer.device", "trainer.progress", "trainer.eval_batch_size",
+    "dataset.loader", "dataset.num_workers",  # resident and streaming give the same batches
     "trainer.num_threads", "trainer.compile", "trainer.compile_mode", "trainer.stop_when_stuck", "trainer.doctor_every", "viz", "report",
+    "logger",  # trackers only mirror the run: switching them on or off on resume changes no result
 )
 
 
