@@ -1,0 +1,197 @@
+"""`python -m cnnlab.evaluate run=DIR` (or `cnnlab evaluate ...`): score a trained checkpoint on a test set.
+
+    cnnlab evaluate run=outputs/runs/..._lenet_fashion_mnist                  # best.pt on the run's own test set
+    cnnlab evaluate run=DIR checkpoint=last dataset.subset=1000
+    cnnlab evaluate run=DIR dataset=mnist dataset.root=/data out=eval_mnist   # another dataset of the same shape
+
+Writes confusion_matrix.csv/.png, per_class_accuracy.csv and eval_summary.json into
+<run>/eval/<dataset>_<checkpoint>[_<overrides>] (or out=); the run's own files are never touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from cnnlab import report
+from cnnlab.checkpoint import write_json
+from cnnlab.checks import ConfigError
+from cnnlab.config import config_dir, typed_group
+from cnnlab.data import DatasetConfig, Split, build_pipeline, load_dataset, spec_for
+from cnnlab.inference import OpenRun, check_writable_dir, last, open_run, parse_args, parse_value, usage, with_stats
+from cnnlab.train import Evaluation, evaluate
+
+PROG = "cnnlab evaluate"
+KEYS = {
+    "run": "the run directory (outputs/runs/...); required",
+    "checkpoint": "best (default: the weights the run's own test score used) | last | a checkpoint file",
+    "dataset": "another dataset config (conf/dataset/<name>.yaml); default: the run's own dataset config",
+    "dataset.<key>": "change one key of that dataset config, e.g. dataset.subset=1000, dataset.root=/data",
+    "trainer.device": "auto|cpu|cuda|mps; default: the run's own device (auto when that one is absent here)",
+    "trainer.eval_batch_size": "images per forward pass; changes speed, not results (default: the run's)",
+    "out": "output folder; default <run>/eval/<dataset>_<checkpoint>[_<dataset overrides>]",
+}
+# dataset keys that do not change which images are scored stay out of the output folder's name
+UNNAMED_KEYS = ("root", "download", "loader", "num_workers")
+WORST_SHOWN = 5
+
+
+def dataset_options() -> list[str]:
+    return sorted(p.stem for p in (Path(config_dir()) / "dataset").glob("*.yaml"))
+
+
+def dataset_config(run_dataset: DatasetConfig, name: str | None, overrides: dict[str, Any]) -> DatasetConfig:
+    """The run's dataset config, or conf/dataset/<name>.yaml, with `dataset.<key>=` overrides applied."""
+    if name is None:
+        node = OmegaConf.create(dataclasses.asdict(run_dataset))
+    else:
+        options = dataset_options()
+        if name not in options:
+            raise ConfigError(f"dataset={name} is not a dataset config; choose one of: {', '.join(options)}")
+        node = OmegaConf.load(Path(config_dir()) / "dataset" / f"{name}.yaml")
+    for key, value in overrides.items():
+        if key == "name":
+            raise ConfigError("dataset.name cannot be changed on its own; pick another dataset with "
+                              f"dataset=<name> (one of: {', '.join(dataset_options())})")
+        OmegaConf.update(node, key, value, merge=False)
+    return typed_group("dataset", node)
+
+
+def fitted_pipeline(opened: OpenRun, cfg: DatasetConfig):
+    """The run's eval pipeline for `cfg`'s images, refused unless what comes out fits the model."""
+    trained, spec = opened.spec, spec_for(cfg)
+    problems = []
+    if spec.channels != trained.channels:
+        problems.append(f"{spec.channels} channel(s) vs {trained.channels}")
+    if spec.num_classes != trained.num_classes:
+        problems.append(f"{spec.num_classes} classes vs {trained.num_classes}")
+    if not problems:
+        try:
+            pipeline = build_pipeline(opened.run.augmentation, with_stats(spec, trained))
+        except ConfigError as err:
+            problems.append(f"the run's augmentation does not apply to its {spec.height}x{spec.width} images: {err}")
+        else:
+            if pipeline.output_shape != opened.pipeline.output_shape:
+                shape = "x".join(map(str, pipeline.output_shape))
+                problems.append(f"images of {shape} after the run's augmentation vs "
+                                f"{'x'.join(map(str, opened.pipeline.output_shape))}")
+    if problems:
+        raise ConfigError(f"dataset {cfg.name} ({spec.channels}x{spec.height}x{spec.width}, {spec.num_classes} classes) "
+                          f"does not fit this model, trained on {trained.name} "
+                          f"({trained.channels}x{trained.height}x{trained.width}, {trained.num_classes} classes): "
+                          f"{'; '.join(problems)}")
+    return pipeline
+
+
+def default_out(opened: OpenRun, cfg: DatasetConfig, overrides: dict[str, Any]) -> Path:
+    label = opened.checkpoint.stem
+    named = [f"{k}={v}" for k, v in overrides.items() if k not in UNNAMED_KEYS]
+    name = f"{cfg.name}_{label}" + (f"_{','.join(named)}" if named else "")
+    return opened.run_dir / "eval" / name.replace("/", "-").replace(" ", "-")
+
+
+def run_evaluation(args: dict[str, list[str]], argv: list[str]) -> tuple[dict[str, Any], Evaluation, tuple[str, ...], Path]:
+    opened = open_run(last(args, "run"), last(args, "checkpoint", "best"), last(args, "trainer.device"),
+                      last(args, "trainer.eval_batch_size"))
+    overrides = {k.split(".", 1)[1]: parse_value(k, v[-1]) for k, v in args.items() if k.startswith("dataset.")}
+    cfg = dataset_config(opened.run.dataset, last(args, "dataset"), overrides)
+    pipeline = fitted_pipeline(opened, cfg)
+    out = Path(last(args, "out")).expanduser() if "out" in args else default_out(opened, cfg, overrides)
+    check_writable_dir(out)  # before the data is loaded: a bad out= costs nothing
+
+    tic = time.perf_counter()
+    # the run's seed: the same subset of the test set as the run drew, when dataset.subset is set
+    data = load_dataset(cfg, seed=opened.run.trainer.seed)
+    test = data.test.to(opened.device) if isinstance(data.test, Split) else data.test  # a FileSplit streams itself
+    result = evaluate(opened.model, test, opened.context(pipeline), opened.run.trainer.eval_batch_size,
+                      opened.spec.num_classes)
+    seconds = time.perf_counter() - tic
+
+    classes = tuple(data.spec.classes)
+    report.write_confusion(out, result.confusion, classes)
+    summary = {
+        "run": str(opened.run_dir),
+        "checkpoint": str(opened.checkpoint),
+        "checkpoint_epoch": opened.epoch,
+        "model": opened.run.model.name,
+        "trained_on": opened.spec.name,
+        "dataset": cfg.name,
+        "dataset_config": dataclasses.asdict(cfg),
+        "test_size": len(test),
+        "loss_name": opened.run.loss.name,
+        "loss": result.loss,
+        "accuracy": result.acc,
+        "device": str(opened.device),
+        "eval_batch_size": opened.run.trainer.eval_batch_size,
+        "seconds": round(seconds, 3),
+        "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "overrides": list(argv),
+        "notes": list(opened.notes),
+    }
+    own = _run_test_score(opened)  # the run's own score, for comparison, when this is the same test
+    if own is not None and not overrides and "dataset" not in args and own[0] == opened.checkpoint.stem:
+        summary["run_test_acc"] = own[1]
+    if classes != tuple(opened.spec.classes):
+        summary["notes"].append(f"class names differ from the training data's ({', '.join(opened.spec.classes[:3])}, "
+                                f"...); labels are compared by index")
+    write_json(out / "eval_summary.json", summary)
+    return summary, result, classes, out
+
+
+def _run_test_score(opened: OpenRun) -> tuple[str, float] | None:
+    """(checkpoint name, test_acc) from the run's summary.json, if it has them."""
+    try:
+        saved = json.loads((opened.run_dir / "summary.json").read_text())
+        return saved.get("test_checkpoint", "best"), float(saved["test_acc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def format_result(summary: dict[str, Any], result: Evaluation, classes: tuple[str, ...], out: Path) -> str:
+    totals = result.confusion.sum(axis=1)
+    correct = np.diag(result.confusion)
+    rates = np.divide(correct, totals, out=np.zeros(len(classes)), where=totals > 0)
+    worst = [i for i in np.argsort(rates, kind="stable") if totals[i] > 0][:WORST_SHOWN]
+    width = max([len("class")] + [len(classes[i]) for i in worst])
+    lines = [
+        f"{summary['model']} (epoch {summary['checkpoint_epoch']}, {Path(summary['checkpoint']).name}) "
+        f"on {summary['dataset']} test: {summary['test_size']} images, {summary['device']}, {summary['seconds']:.1f} s",
+        f"  accuracy  {summary['accuracy']:.2%}"
+        + (f"  (the run's summary.json: {summary['run_test_acc']:.2%})" if "run_test_acc" in summary else ""),
+        f"  loss      {summary['loss']:.4f} ({summary['loss_name']})",
+        "  worst classes:",
+        f"    {'class':<{width}}  accuracy  correct/total",
+    ]
+    lines += [f"    {classes[i]:<{width}}  {rates[i]:>8.2%}  {f'{correct[i]}/{totals[i]}':>13}" for i in worst]
+    lines += [f"note: {note}" for note in summary["notes"]]
+    lines.append(f"files: {out.resolve()}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage(f"{PROG} run=<run dir> [key=value ...]",
+                    "Score a run's checkpoint on a test set: its own (by default) or another dataset of the same "
+                    "image shape and class count. Writes confusion_matrix.csv/.png, per_class_accuracy.csv and "
+                    "eval_summary.json; the run's own files are left as they are.", KEYS))
+        return 0
+    try:
+        args = parse_args(argv, {k: v for k, v in KEYS.items() if k != "dataset.<key>"}, prefixes=("dataset.",))
+        summary, result, classes, out = run_evaluation(args, argv)
+    except ConfigError as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 2
+    print(format_result(summary, result, classes, out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
