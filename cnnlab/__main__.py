@@ -12,12 +12,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from cnnlab import distributed
 from cnnlab.checkpoint import load_checkpoint
 from cnnlab.checks import ConfigError
 from cnnlab.config import config_dir, validate
 from cnnlab.interrupt import Interrupted
 from cnnlab.launch import job_placement, missing_launcher_message
-from cnnlab.report import write_summary
+from cnnlab.report import console_table, write_summary
 from cnnlab.resume import resume_argv, resume_point, resumed_config
 from cnnlab.train import fit
 
@@ -30,6 +31,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    world = distributed.world_from_env()
+    if not world.is_main:  # rank 0 speaks for the run; the others only warn
+        log.setLevel(logging.WARNING)
     sweep = hydra_cfg.sweeper.get("params")
     if sweep and not multirun:  # a study preset run without -m: say what is being left out
         axes = ", ".join(f"{key}={values}" for key, values in sweep.items())
@@ -39,13 +43,17 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             point = resume_point(cfg.trainer.resume)
             cfg = resumed_config(cfg, load_checkpoint(point.checkpoint, mmap=True)["config"], overrides)
             run_dir = point.run_dir
+        run = validate(cfg)
+        distributed.setup(world, run.trainer.device, multirun)
+        run_dir = Path(distributed.broadcast(str(run_dir)))  # under torchrun: rank 0's run dir for every rank
         with job_placement(cfg):  # jobs side by side: a share of the CPU threads, a GPU each
-            summary = fit(validate(cfg), run_dir, overrides)
+            summary = fit(run, run_dir, overrides)
     except Interrupted as err:  # checkpointed at a step boundary; status: interrupted is in summary.json
-        log.warning("%s: checkpoint saved. Continue with: python -m cnnlab trainer.resume=%s", err, run_dir.resolve())
+        log.warning("%s: checkpoint saved. Continue with: %s trainer.resume=%s", err,
+                    distributed.command_prefix(world), run_dir.resolve())
         sys.exit(err.exit_code)
     except Exception as err:
-        if not (run_dir / "summary.json").exists():  # fit() records its own failures
+        if world.is_main and not (run_dir / "summary.json").exists():  # fit() records its own failures
             write_summary(run_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}", "overrides": overrides})
         if isinstance(err, ConfigError):
             # bad input: one clear message; the traceback only when debugging (Hydra's own switch)
@@ -57,22 +65,27 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         if multirun:
             return None  # recorded in summary.json; the other jobs run, SweepStatus reports it
         sys.exit(2)
-    log.info("run directory: %s", run_dir.resolve())
+    finally:
+        distributed.teardown()
+    log.info("%s", console_table(summary, run_dir))
     return summary.get("best_val_acc")  # the value a sweeper would optimise
 
 
 def _subcommands() -> dict[str, Callable[[list[str]], int]]:
+    from cnnlab.evaluate import main as evaluate_main
     from cnnlab.models.__main__ import main as models_main
+    from cnnlab.predict import main as predict_main
     from cnnlab.report.__main__ import main as report_main
 
-    return {"models": models_main, "report": report_main}
+    return {"models": models_main, "report": report_main, "evaluate": evaluate_main, "predict": predict_main}
 
 
-SUBCOMMANDS = ("models", "report")
+SUBCOMMANDS = ("models", "report", "evaluate", "predict")
 
 
 def main() -> None:
-    """`cnnlab [overrides]` trains; `cnnlab models ...` lists the model zoo; `cnnlab report DIR` compares runs."""
+    """`cnnlab [overrides]` trains; `cnnlab models ...` lists the model zoo; `cnnlab report DIR` compares runs;
+    `cnnlab evaluate run=DIR` scores a checkpoint on a test set; `cnnlab predict run=DIR images=...` classifies images."""
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         sys.exit(_subcommands()[sys.argv[1]](sys.argv[2:]))
     message = missing_launcher_message(sys.argv[1:])
@@ -80,7 +93,7 @@ def main() -> None:
         print(message, file=sys.stderr)
         sys.exit(2)
     try:
-        sys.argv[1:] = resume_argv(sys.argv[1:])
+        sys.argv[1:] = distributed.rank_argv(resume_argv(sys.argv[1:]), distributed.world_from_env())
     except ConfigError as err:
         print(err, file=sys.stderr)
         sys.exit(2)

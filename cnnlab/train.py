@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,9 @@ from cnnlab.checkpoint import atomic_write_text, load_checkpoint, restore_rng, r
 from cnnlab.checks import ConfigError
 from cnnlab.config import RunConfig
 from cnnlab.data import DatasetSpec, Split, load_dataset, spec_for
+from cnnlab.data.datasets import FileSplit
+from cnnlab import distributed
+from cnnlab.distributed import World, world_from_env
 from cnnlab.data.augment import Pipeline, build_pipeline
 from cnnlab.losses import LossFn, build_loss
 from cnnlab.models import build_model
@@ -40,8 +44,10 @@ from cnnlab.models.card import human, model_card
 from cnnlab.interrupt import GracefulStop, Interrupted
 from cnnlab.optim import build_optimizer, build_scheduler
 from cnnlab.resume import check_epochs, resume_point, trim_metrics
+from cnnlab.trackers import Trackers, open_trackers
 
 log = logging.getLogger("cnnlab")
+PROGRESS_DELAY_S = 2.0  # an epoch shorter than this shows no bar at all: no flicker on quick runs
 
 
 def select_device(name: str) -> torch.device:
@@ -68,12 +74,13 @@ class Batches:
 
     images: torch.Tensor
     labels: torch.Tensor
-    batch_size: int
+    batch_size: int  # the global batch: under torchrun each rank takes its slice of it
     shuffle: bool = False
     # Training drops the ragged last batch (a batch of 1 breaks BatchNorm, and fixed shapes
     # keep compiled graphs stable) unless the split is smaller than one batch.
     drop_last: bool = False
     generator: torch.Generator | None = None
+    world: World = World()
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -82,20 +89,77 @@ class Batches:
         return math.ceil(n / self.batch_size)
 
     def order(self) -> torch.Tensor | None:
-        """This epoch's sample order: a fresh randperm when shuffling, None for the stored order."""
+        """This epoch's sample order: a fresh randperm when shuffling, None for the stored order.
+        Every rank draws the same order from its identically seeded generator."""
         if not self.shuffle:
             return None
         return torch.randperm(len(self.labels), device=self.labels.device, generator=self.generator)
 
-    def take(self, order: torch.Tensor | None, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of one epoch in `order`, from batch `start` on (a resumed epoch skips those done)."""
+    def indices(self, order: torch.Tensor | None, start: int = 0) -> Iterator[torch.Tensor | slice]:
+        """This rank's sample indices of each batch from batch `start` on (a resumed epoch skips those done)."""
         for i in range(start, len(self)):
-            span = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            idx = span if order is None else order[span]
+            span = slice(i * self.batch_size, min((i + 1) * self.batch_size, len(self.labels)))
+            if not self.world.distributed:
+                yield span if order is None else order[span]
+                continue
+            idx = torch.arange(span.start, span.stop, device=self.labels.device) if order is None else order[span]
+            yield idx.tensor_split(self.world.size)[self.world.rank]
+
+    def take(self, order: torch.Tensor | None, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The (images, labels) batches of one epoch in `order`, from batch `start` on."""
+        for idx in self.indices(order, start):
             yield self.images[idx], self.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.take(self.order())
+
+
+class _IndexedBatches(torch.utils.data.Dataset):
+    """A DataLoader dataset whose items are whole batches: the sampler yields index tensors."""
+
+    def __init__(self, split: Split | FileSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.split, FileSplit):  # decoded here, in a worker process
+            return torch.stack([self.split[i] for i in index.tolist()]), self.split.labels[index]
+        return self.split.images[index], self.split.labels[index]
+
+
+class StreamingBatches(Batches):
+    """The same batches as Batches, but read from host memory or image files by DataLoader
+    workers and copied to the device batch by batch: for data larger than device memory.
+
+    Sample order, sharding and the on-device augmentation are those of the resident path, so a
+    run gives the same batches either way (tested)."""
+
+    def __init__(self, split: Split | FileSplit, batch_size: int, device: torch.device, num_workers: int,
+                 shuffle: bool = False, drop_last: bool = False, generator: torch.Generator | None = None,
+                 world: World = World()) -> None:
+        super().__init__(torch.empty(0), split.labels, batch_size, shuffle, drop_last, generator, world)
+        self.split, self.device, self.num_workers = split, device, num_workers
+
+    def order(self) -> torch.Tensor | None:
+        if not self.shuffle:
+            return None
+        # drawn where the resident path draws it (the generator's device), so both give one order
+        return torch.randperm(len(self.labels), device=self.generator.device, generator=self.generator)
+
+    def take(self, order: torch.Tensor | None, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = None if order is None else order.cpu()  # one sync per epoch, for the sampler
+        # self.labels live on the CPU here, so every index is a CPU tensor the workers can use
+        indices = [torch.arange(i.start, i.stop) if isinstance(i, slice) else i for i in self.indices(order, start)]
+        if not indices:
+            return
+        loader = torch.utils.data.DataLoader(
+            _IndexedBatches(self.split), sampler=indices, batch_size=None, num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.num_workers else None,
+        )
+        for images, labels in loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
 @dataclass
@@ -147,6 +211,17 @@ class EpochState:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> EpochState:
         return cls(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state.items()})
+
+    def reduce(self) -> None:
+        """Under torchrun: the totals over all ranks, on every rank (the first bad step: the earliest)."""
+        if not distributed.active():
+            return
+        seen = torch.tensor(self.seen, device=self.loss_sum.device)
+        distributed.all_sum(self.loss_sum, self.correct, seen)
+        self.seen = int(seen.item())
+        bad = torch.where(self.first_nonfinite < 0, torch.iinfo(torch.long).max, self.first_nonfinite)
+        distributed.all_min(bad)
+        self.first_nonfinite = torch.where(bad == torch.iinfo(torch.long).max, -1, bad)
 
     def results(self) -> tuple[float, float, int]:
         """(mean loss, accuracy, images seen): the epoch's one host sync."""
@@ -212,19 +287,30 @@ class Evaluation:
     confusion: np.ndarray  # [true, predicted] counts
 
 
+def batches_of(split: Split | FileSplit, batch_size: int, device: torch.device, num_workers: int = 0) -> Batches:
+    """Evaluation batches in stored order: read in place when the split is on `device`, else streamed."""
+    if isinstance(split, Split) and split.images.device == device:
+        return Batches(split.images, split.labels, batch_size)
+    return StreamingBatches(split, batch_size, device, num_workers)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split: Split, ctx: StepContext, batch_size: int, num_classes: int) -> Evaluation:
+def evaluate(model: torch.nn.Module, split: Split | FileSplit, ctx: StepContext, batch_size: int, num_classes: int,
+             num_workers: int = 0) -> Evaluation:
+    """Loss, accuracy and confusion matrix of a split. Under torchrun each rank passes its shard
+    and gets the totals over all ranks."""
     model.eval()
     k = num_classes
     loss_sum = torch.zeros((), device=ctx.device)
     counts = torch.zeros(k * k, dtype=torch.long, device=ctx.device)
-    for images, labels in Batches(split.images, split.labels, batch_size):
+    for images, labels in batches_of(split, batch_size, ctx.device, num_workers):
         with ctx.autocast():
             logits = model(ctx.inputs(images, train=False))
         loss_sum += ctx.loss_fn(logits, labels) * len(labels)
         counts += torch.bincount(labels * k + logits.argmax(1), minlength=k * k)
+    distributed.all_sum(loss_sum, counts)
     confusion = counts.view(k, k).cpu().numpy()
-    n = max(len(split), 1)
+    n = max(int(confusion.sum()), 1)
     return Evaluation(loss_sum.item() / n, float(np.trace(confusion)) / n, confusion)
 
 
@@ -251,8 +337,70 @@ def prepare(run: RunConfig) -> Prepared:
     return Prepared(device, spec, pipeline, model, viz_layer)
 
 
-def _split_to(split: Split | None, device: torch.device) -> Split | None:
-    return None if split is None else Split(split.images.to(device), split.labels.to(device))
+# Resident data may take this share of the device's free memory; the rest is for the model,
+# activations and optimizer state.
+RESIDENT_FRACTION = 0.5
+
+
+def _nbytes(split: Split | FileSplit | None) -> int:
+    if split is None:
+        return 0
+    if isinstance(split, FileSplit):
+        return len(split) * split.channels * split.size[0] * split.size[1]
+    return split.images.numel() * split.images.element_size()
+
+
+def _free_memory(device: torch.device) -> float:
+    """Bytes free on the device: CUDA's own count, else the host's available RAM."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return float(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            return math.inf
+
+
+def choose_loader(choice: str, splits: list[Split | FileSplit | None], device: torch.device) -> str:
+    """dataset.loader=auto: resident when the uint8 splits fit in RESIDENT_FRACTION of the
+    device's free memory, else streaming. Tensors already in RAM on a CPU run stay resident."""
+    if choice != "auto":
+        return choice
+    if device.type == "cpu" and all(s is None or isinstance(s, Split) for s in splits):
+        return "resident"
+    need, free = sum(_nbytes(s) for s in splits), _free_memory(device)
+    loader = "resident" if need <= RESIDENT_FRACTION * free else "streaming"
+    log.info("dataset.loader=auto: %s (the data is %.2f GB as uint8, %.2f GB free on %s)", loader, need / 1e9,
+             free / 1e9, device)
+    return loader
+
+
+def _resident(split: Split | FileSplit | None, device: torch.device) -> Split | None:
+    if split is None:
+        return None
+    split = split.load() if isinstance(split, FileSplit) else split
+    return Split(split.images.to(device), split.labels.to(device))
+
+
+def _head(split: Split | FileSplit, n: int, device: torch.device) -> Split:
+    """The first n examples on the device: the doctor's probe batch, feature-map panels."""
+    part = split.head(n) if isinstance(split, FileSplit) else Split(split.images[:n], split.labels[:n])
+    return part.to(device)
+
+
+def _shard(split: Split | FileSplit | None, world: World) -> Split | FileSplit | None:
+    """This rank's contiguous share of an evaluation split."""
+    if split is None or not world.distributed:
+        return split
+    index = torch.arange(len(split)).tensor_split(world.size)[world.rank]
+    if isinstance(split, FileSplit):
+        return split.take(index)
+    index = index.to(split.labels.device)
+    return Split(split.images[index], split.labels[index])
 
 
 def configure_determinism(deterministic: bool) -> None:
@@ -290,10 +438,12 @@ def fit(run: RunConfig, run_dir: Path, overrides: list[str] | None = None) -> di
     if run.trainer.resume:
         previous = run_dir / "summary.json"
         summary = {**(json.loads(previous.read_text()) if previous.is_file() else summary), "status": "resuming"}
+    main = world_from_env().is_main  # under torchrun only rank 0 writes files
+    trackers = open_trackers(run, run_dir, summary) if main else Trackers()
     try:
         # signals are caught from the start, so one that comes during set-up also stops cleanly at the first step
         with GracefulStop() as stop:
-            return _fit(run, run_dir, summary, list(overrides or []), stop)
+            return _fit(run, run_dir, summary, list(overrides or []), stop, trackers)
     except Interrupted:
         raise  # _fit checkpointed and recorded where
     except KeyboardInterrupt:
@@ -304,9 +454,10 @@ def fit(run: RunConfig, run_dir: Path, overrides: list[str] | None = None) -> di
             summary.update(status="failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
-        if summary["status"] != "resuming":
+        if summary["status"] != "resuming" and main:
             summary["finished_at"] = _now()
             report.write_summary(run_dir, summary)
+        trackers.close(summary, run_dir)
 
 
 def _restore(path: Path, run: RunConfig, device: torch.device, model: torch.nn.Module,
@@ -335,7 +486,7 @@ def _restore(path: Path, run: RunConfig, device: torch.device, model: torch.nn.M
 
 
 def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list[str],
-         stop: GracefulStop) -> dict[str, Any]:
+         stop: GracefulStop, trackers: Trackers) -> dict[str, Any]:
     t = run.trainer
     configure_determinism(t.deterministic)
     if t.num_threads:
@@ -349,10 +500,24 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
     if card.reference_line:
         log.info("reference: %s", card.reference_line)
 
+    world = world_from_env()
+    if t.batch_size % world.size:
+        raise ConfigError(f"trainer.batch_size={t.batch_size} is the global batch and must divide evenly over the "
+                          f"{world.size} processes of this torchrun; use a multiple of {world.size}")
     data = load_dataset(run.dataset, seed=t.seed)
-    train, val, test = (_split_to(s, device) for s in (data.train, data.val, data.test))
-    log.info("data %s: %d train / %d val / %d test images, %d classes",
-             spec.name, len(train), len(val) if val else 0, len(test), spec.num_classes)
+    spec = data.spec  # the class names the files name (a first download may fill in a spec's placeholders)
+    loader = choose_loader(run.dataset.loader, [data.train, data.val, data.test], device)
+    workers = run.dataset.num_workers if run.dataset.num_workers is not None else min(8, os.cpu_count() or 1)
+    if loader == "resident":
+        train, val, test = (_resident(s, device) for s in (data.train, data.val, data.test))
+    else:
+        train, val, test = data.train, data.val, data.test
+    log.info("data %s: %d train / %d val / %d test images, %d classes, %s%s",
+             spec.name, len(train), len(val) if val else 0, len(test), spec.num_classes, loader,
+             f" ({workers} workers)" if loader == "streaming" else " on the device")
+    val, test = _shard(val, world), _shard(test, world)
+    if world.distributed:
+        torch.manual_seed(t.seed + world.rank)  # weights are built alike on every rank; dropout differs per rank
 
     model.to(device)
     if t.channels_last:
@@ -368,11 +533,21 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
     )
     if t.precision == "bf16" and not ctx.bf16:
         log.warning("trainer.precision=bf16 applies on CUDA only; training in fp32 on %s", device)
-    batches = Batches(train.images, train.labels, t.batch_size, shuffle=True, drop_last=True, generator=generator)
-    # Training steps run the compiled module; it shares its weights with `model`, which evaluation,
-    # the doctor and checkpoints use. Training batches all have one shape (drop_last) and the
-    # compiled module only ever runs in train mode, so nothing recompiles after the first step.
-    step_model = torch.compile(model, mode=t.compile_mode) if t.compile else model
+    if loader == "resident":
+        batches = Batches(train.images, train.labels, t.batch_size, shuffle=True, drop_last=True,
+                          generator=generator, world=world)
+    else:
+        batches = StreamingBatches(train, t.batch_size, device, workers, shuffle=True, drop_last=True,
+                                   generator=generator, world=world)
+    # Training steps run the compiled (and, under torchrun, DDP-wrapped) module; it shares its weights
+    # with `model`, which evaluation, the doctor and checkpoints use. Training batches all have one
+    # shape (drop_last) and the compiled module only ever runs in train mode, so nothing recompiles.
+    step_model = model
+    if world.distributed:
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        step_model = torch.compile(step_model, mode=t.compile_mode)
     optimizer = build_optimizer(run.optimizer, model.parameters())
     scheduler = build_scheduler(run.scheduler, optimizer, len(batches), t.epochs)
 
@@ -386,7 +561,11 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
         best_acc, best_epoch = ckpt.get("best_val_acc", -1.0), ckpt.get("best_epoch", done)
         train_seconds = ckpt.get("train_seconds", 0.0)
         partial = EpochState.from_state_dict(ckpt["partial"], device) if ckpt.get("partial") else None
-        trim_metrics(run_dir, done)
+        if partial and not world.is_main:  # the checkpoint holds the sums over all ranks: count them once
+            partial.loss_sum.zero_(), partial.correct.zero_()
+            partial.seen = 0
+        if world.is_main:
+            trim_metrics(run_dir, done)
         summary.setdefault("resumes", []).append(
             {"at": _now(), "checkpoint": str(point.checkpoint), "epoch": done, "step": ckpt["step"],
              "epochs": t.epochs, "overrides": overrides})
@@ -395,15 +574,18 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
         log.info("resumed %s at epoch %d%s, step %d; training to epoch %d", point.checkpoint, done,
                  f" + {partial.step} batches" if partial else "", ckpt["step"], t.epochs)
     summary["status"] = "running"
-    atomic_write_text(run_dir / "model_summary.txt", card.text())
+    if world.is_main:
+        atomic_write_text(run_dir / "model_summary.txt", card.text())
     summary.update(device=str(device), num_classes=spec.num_classes, seed=t.seed, **card.summary_fields(),
-                   train_size=len(train), val_size=len(val) if val else 0, test_size=len(test),
-                   precision="bf16" if ctx.bf16 else "fp32")
+                   train_size=len(train), val_size=len(data.val) if data.val else 0, test_size=len(data.test),
+                   precision="bf16" if ctx.bf16 else "fp32", loader=loader, world_size=world.size)
 
     ckpt_dir = run_dir / "checkpoints"
 
     def checkpoint(path: Path, epoch: int, state: EpochState | None = None, val_acc: float | None = None) -> None:
         steps = epoch * len(batches) + (state.step if state else 0)
+        if not world.is_main:
+            return
         save_checkpoint(
             path, model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             scaler=None,  # bf16 autocast needs no loss scaling; the slot keeps the format ready for fp16
@@ -415,27 +597,30 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
     def interrupted(signum: int, epoch: int, state: EpochState | None) -> Interrupted:
         where = {"epoch": epoch, "step": (epoch - 1) * len(batches) + (state.step if state else len(batches))}
         summary.update(status="interrupted", interrupted_at=where, train_seconds=round(train_seconds, 3),
-                       resume_command=f"python -m cnnlab trainer.resume={run_dir.resolve()}")
+                       resume_command=f"{distributed.command_prefix(world)} trainer.resume={run_dir.resolve()}")
         return Interrupted(signum)
 
-    probe = Split(train.images[: t.batch_size], train.labels[: t.batch_size])  # the doctor's fixed batch
-    show_progress = t.progress and sys.stderr.isatty()
+    probe = _head(train, t.batch_size, device)  # the doctor's fixed batch: the same on every rank
+    show_progress = t.progress and sys.stderr.isatty() and world.is_main
+    # under torchrun every rank must stop at the same step, so a signal on one stops them all
+    stopping = (lambda: distributed.any_rank(stop.requested())) if world.distributed else stop.requested
     for epoch in range(done + 1, t.epochs + 1):
         state, partial = partial or EpochState.begin(batches, optimizer, device), None
         tic = time.perf_counter()
         with tqdm(total=len(batches), initial=state.step, desc=f"epoch {epoch}/{t.epochs}", leave=False,
-                  delay=2, disable=not show_progress, file=sys.stderr) as bar:
-            run_steps(step_model, batches, ctx, optimizer, scheduler, state, bar, stop.requested, t.grad_clip)
+                  delay=PROGRESS_DELAY_S, disable=not show_progress, file=sys.stderr) as bar:
+            run_steps(step_model, batches, ctx, optimizer, scheduler, state, bar, stopping, t.grad_clip)
         elapsed = time.perf_counter() - tic
         state.seconds += elapsed
         train_seconds += elapsed
+        state.reduce()
         if state.step < len(batches):  # a signal stopped the epoch between two steps
             checkpoint(ckpt_dir / "last.pt", epoch - 1, state)
-            raise interrupted(stop.signum, epoch, state)
+            raise interrupted(stop.signum or signal.SIGTERM, epoch, state)
 
         train_loss, train_acc, seen = state.results()
         eval_tic = time.perf_counter()
-        val_result = evaluate(model, val, ctx, t.eval_batch_size, spec.num_classes) if val else None
+        val_result = evaluate(model, val, ctx, t.eval_batch_size, spec.num_classes, workers) if val else None
         row = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -446,7 +631,9 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
             "epoch_seconds": round(state.seconds + time.perf_counter() - eval_tic, 4),  # training + validation
             "images_per_second": round(seen / state.seconds, 1),
         }
-        report.append_metrics(run_dir, row)
+        if world.is_main:
+            report.append_metrics(run_dir, row)
+            trackers.log_epoch(row)
         summary.update(epochs_completed=epoch, train_seconds=round(train_seconds, 3),
                        final_train_loss=train_loss, final_train_acc=train_acc)
         if val_result:
@@ -462,8 +649,8 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
 
         diagnosis = None
         if t.doctor_every and (epoch == 1 or epoch % t.doctor_every == 0):
-            diagnosis = doctor.examine(model, probe.images, probe.labels, ctx, run, epoch, train_loss, val_result,
-                                       spec.num_classes)
+            diagnosis = distributed.broadcast(doctor.examine(  # rank 0's verdict, so every rank stops alike
+                model, probe.images, probe.labels, ctx, run, epoch, train_loss, val_result, spec.num_classes))
             summary["diagnosis"] = diagnosis.to_dict() if diagnosis else None
             if diagnosis:
                 log.warning("%s", diagnosis.text())
@@ -475,8 +662,8 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
         checkpoint(ckpt_dir / "last.pt", epoch, val_acc=val_result.acc if val_result else None)
         if best_epoch == epoch:
             checkpoint(ckpt_dir / "best.pt", epoch, val_acc=val_result.acc if val_result else None)
-        if stop.requested():  # the signal came during validation or the save: stop at this boundary
-            raise interrupted(stop.signum, epoch, None)
+        if stopping():  # the signal came during validation or the save: stop at this boundary
+            raise interrupted(stop.signum or signal.SIGTERM, epoch, None)
         if diagnosis and diagnosis.stuck and t.stop_when_stuck:
             summary.update(status="stuck", stopped_at_epoch=epoch)
             log.warning("trainer.stop_when_stuck: ending the run after epoch %d of %d", epoch, t.epochs)
@@ -485,14 +672,18 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
     summary.update(best_epoch=best_epoch or None, best_val_acc=best_acc if (val and best_epoch) else None)
     if best_epoch:
         # The test set is scored once, with the weights that were best on validation.
+        distributed.barrier()  # rank 0 has written best.pt
         model.load_state_dict(load_checkpoint(ckpt_dir / "best.pt", map_location=device)["model"])
-        result = evaluate(model, test, ctx, t.eval_batch_size, spec.num_classes)
+        result = evaluate(model, test, ctx, t.eval_batch_size, spec.num_classes, workers)
         summary.update(test_loss=result.loss, test_acc=result.acc, test_checkpoint="best" if val else "last")
-        report.write_confusion(run_dir, result.confusion, spec.classes)
         log.info("test (epoch %d weights): loss %.4f  accuracy %.2f%%", best_epoch, result.loss, 100 * result.acc)
-        if prep.viz_layer:
-            summary["feature_maps"] = _draw_feature_maps(run, run_dir, model, test, ctx, prep.viz_layer, spec)
-    report.plot_curves(run_dir, title=f"{run.model.name} on {spec.name}")
+        if world.is_main:
+            report.write_confusion(run_dir, result.confusion, spec.classes)
+            if prep.viz_layer:
+                summary["feature_maps"] = _draw_feature_maps(run, run_dir, model, _head(test, run.viz.num_images, device),
+                                                             ctx, prep.viz_layer, spec)
+    if world.is_main:
+        report.plot_curves(run_dir, title=f"{run.model.name} on {spec.name}")
     if summary["status"] == "running":
         summary["status"] = "completed"
     summary["config"] = run.to_dict()
@@ -514,10 +705,10 @@ def _diverged(run: RunConfig, summary: dict[str, Any], epoch: int, step: int) ->
               "Try %s.", step, epoch, ", ".join(hints))
 
 
-def _draw_feature_maps(run: RunConfig, run_dir: Path, model: torch.nn.Module, test: Split, ctx: StepContext,
+def _draw_feature_maps(run: RunConfig, run_dir: Path, model: torch.nn.Module, panels: Split, ctx: StepContext,
                        layer: str, spec: DatasetSpec) -> dict[str, Any]:
     """feature_maps.png for the first viz.num_images test images; returns what summary.json records."""
-    images, labels = test.images[: run.viz.num_images], test.labels[: run.viz.num_images]
+    images, labels = panels.images, panels.labels
     with ctx.autocast():
         activations, predicted = viz.capture(model, layer, ctx.inputs(images, train=False))
     panels = viz.plot_feature_maps(

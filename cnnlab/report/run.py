@@ -93,3 +93,33 @@ def plot_curves(run_dir: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(run_dir / "curves.png", dpi=120)
     plt.close(fig)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def console_table(summary: dict[str, Any], run_dir: Path) -> str:
+    """The few lines a run ends with on the console: how it went and where its files are."""
+    rows = [("status", str(summary.get("status")))]
+    if isinstance(summary.get("test_acc"), (int, float)):
+        rows.append(("test accuracy", f"{summary['test_acc']:.2%}  (loss {summary['test_loss']:.4f}, "
+                                      f"{summary.get('test_checkpoint', 'best')} weights)"))
+    if summary.get("best_epoch"):
+        val = summary.get("best_val_acc")
+        rows.append(("best epoch", f"{summary['best_epoch']} of {summary.get('epochs_completed', '?')}"
+                                   + (f"  (val accuracy {val:.2%})" if isinstance(val, (int, float)) else "")))
+    if summary.get("params_total") is not None:
+        rows.append(("parameters", f"{summary['params_total']:,}  ({summary.get('model_size_mb', 0):.2f} MB)"))
+    if summary.get("train_seconds") is not None:
+        rows.append(("time", f"{_duration(summary['train_seconds'])} training"
+                             + (f" on {summary['device']}" if summary.get("device") else "")))
+    rows.append(("run directory", str(run_dir.resolve())))
+    width = max(len(name) for name, _ in rows)
+    rule = "-" * (width + 2 + max(len(value) for _, value in rows))
+    title = f"{summary.get('model', '')} on {summary.get('dataset', '')}".strip()
+    return "\n".join([title, rule, *(f"{name:<{width}}  {value}" for name, value in rows), rule])
