@@ -562,7 +562,8 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
         train_seconds = ckpt.get("train_seconds", 0.0)
         partial = EpochState.from_state_dict(ckpt["partial"], device) if ckpt.get("partial") else None
         if partial and not world.is_main:  # the checkpoint holds the sums over all ranks: count them once
-            partial.loss_sum.zero_(), partial.correct.zero_()
+            partial.loss_sum.zero_()
+            partial.correct.zero_()
             partial.seen = 0
         if world.is_main:
             trim_metrics(run_dir, done)

@@ -323,7 +323,7 @@ class ImageCache:
     Files in `folder`: <stem>.npy, uint8 [N, C, H, W], filled as images are first decoded (a subset
     run stores only its images; a later run decodes only what is still missing), and <stem>.crc.npy,
     int64 [N], each stored image's CRC-32 (-1: not stored yet). The stem holds a hash of the file list
-    with sizes and mtimes, channels, size and the torchvision version, so changed files get a fresh
+    with sizes and mtimes, channels, size and the Pillow version (the decoder), so changed files get a fresh
     cache. Every image read back is checked against its CRC and decoded again on a mismatch: a
     corrupted cache is rebuilt, never trusted; a cache left by an older version of the files is
     removed when the new one is made. A lock file keeps a sweep's parallel jobs from filling it at
@@ -339,10 +339,10 @@ class ImageCache:
     def stem(self) -> str:
         """<name>-<H>x<W>-c<C>-<hash>; the hash stats every file once (about 1 s per 100k files)."""
         if self._stem is None:
-            from importlib.metadata import version  # not `import torchvision`: that costs a second
+            from importlib.metadata import version
 
             h = hashlib.sha256(f"v{_CACHE_VERSION} {self.channels} {self.size} "
-                               f"torchvision {version('torchvision')}\n".encode())
+                               f"pillow {version('pillow')}\n".encode())
             for path in self.paths:
                 try:
                     st = os.stat(path)
