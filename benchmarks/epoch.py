@@ -11,6 +11,7 @@ training split, with the same optimizer at a constant learning rate, for the sam
 - cnnlab: the training step and data path of `python -m cnnlab`: uint8 data resident on the
   device, batched on-device augmentation, one host sync per epoch; one row per --variants entry
   (fp32, channels_last or cl, bf16, compile, graphs = compile with CUDA graphs (mode reduce-overhead),
+  stream = the streaming data path (DataLoader workers from host memory, dataset.num_workers),
   and combinations joined by +).
 - bare: the model alone on resident, already-normalised random tensors: forward, backward, step.
   It is the floor: 1 - bare/path is the path's data-stall fraction (time not spent in the model).
@@ -44,13 +45,15 @@ from cnnlab.losses import build_loss
 from cnnlab.models.card import model_card
 from cnnlab.optim import build_optimizer, build_scheduler
 from cnnlab.train import (
-    Batches, EpochState, StepContext, configure_determinism, evaluate, prepare, run_steps, select_device,
+    Batches, EpochState, StepContext, StreamingBatches, configure_determinism, evaluate, prepare, run_steps,
+    select_device, stream_workers,
 )
 
 # dense bf16 tensor-core peak (FLOP/s) by GPU name: the denominator of the achieved fraction
 PEAK_BF16 = {"H200": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100": 989e12,
              "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12}
-VARIANT_FLAGS = ("fp32", "channels_last", "bf16", "compile", "graphs")  # graphs: compile mode reduce-overhead
+# graphs: compile mode reduce-overhead; stream: batches through DataLoader workers (dataset.loader=streaming)
+VARIANT_FLAGS = ("fp32", "channels_last", "bf16", "compile", "graphs", "stream")
 
 
 @dataclass
@@ -197,7 +200,7 @@ def _variant(name: str) -> dict[str, bool]:
     if unknown:
         raise SystemExit(f"unknown variant flag(s) {', '.join(sorted(unknown))}; use {', '.join(VARIANT_FLAGS)} joined by +")
     return {"channels_last": bool(flags & {"channels_last", "cl"}), "bf16": "bf16" in flags,
-            "compile": bool(flags & {"compile", "graphs"}), "graphs": "graphs" in flags}
+            "compile": bool(flags & {"compile", "graphs"}), "graphs": "graphs" in flags, "stream": "stream" in flags}
 
 
 def _prepared_model(bench: Bench, flags: dict[str, bool]) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -212,12 +215,17 @@ def _prepared_model(bench: Bench, flags: dict[str, bool]) -> tuple[torch.nn.Modu
 
 def cnnlab_path(bench: Bench, variant: str) -> Row:
     flags, device, t = _variant(variant), bench.device, bench.run.trainer
-    train, test = bench.train.to(device), bench.test.to(device)
+    test = bench.test.to(device)
     generator = torch.Generator(device=device).manual_seed(t.seed)
     ctx = StepContext(bench.pipeline, build_loss(bench.run.loss, bench.num_classes), device,
                       flags["bf16"] and device.type == "cuda", flags["channels_last"], generator)
     step_model, model = _prepared_model(bench, flags)
-    batches = Batches(train.images, train.labels, t.batch_size, shuffle=True, drop_last=True, generator=generator)
+    if flags["stream"]:  # from host memory through DataLoader workers, as for data larger than the device
+        batches = StreamingBatches(bench.train, t.batch_size, device, stream_workers(bench.run.dataset.num_workers, bench.train),
+                                   shuffle=True, drop_last=True, generator=generator)
+    else:
+        train = bench.train.to(device)
+        batches = Batches(train.images, train.labels, t.batch_size, shuffle=True, drop_last=True, generator=generator)
     optimizer = _optimizer(bench, model)
     scheduler = build_scheduler(bench.run.scheduler, optimizer, len(batches), bench.epochs)
 
@@ -280,8 +288,12 @@ def benchmark(bench: Bench, workers: Sequence[int], variants: Sequence[str]) -> 
     bares = {}
     for variant in variants:
         rows.append(cnnlab_path(bench, variant))
-        bares[variant] = bare(bench, variant)
-        rows.append(bares[variant])
+        # the bare model does not read data: a variant that only changes the data path shares its floor
+        model_variant = "+".join(f for f in variant.split("+") if f != "stream") or "fp32"
+        if model_variant not in bares:
+            bares[model_variant] = bare(bench, model_variant)
+            rows.append(bares[model_variant])
+        bares[variant] = bares[model_variant]
     bare_fp32 = bares.get("fp32") or bare(bench, "fp32")
     device_peak = peak(bench.device)
     for row in rows:

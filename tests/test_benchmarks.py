@@ -23,10 +23,14 @@ from conftest import run_cnnlab
 
 
 def test_harness_runs_every_path_and_writes_its_table(tmp_path: Path) -> None:
-    assert main(["+debug=smoke", "--epochs", "2", "--workers", "0,1", "--variants", "fp32,cl", "--out", str(tmp_path)]) == 0
+    assert main(["+debug=smoke", "dataset.num_workers=1", "--epochs", "2", "--workers", "0,1",
+                 "--variants", "fp32,cl,stream", "--out", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "lenet_synthetic_b32_cpu.csv")
     assert list(table["path"]) == ["reference, DataLoader num_workers=0", "reference, DataLoader num_workers=1",
-                                   "cnnlab fp32", "bare model fp32", "cnnlab cl", "bare model cl"]
+                                   "cnnlab fp32", "bare model fp32", "cnnlab cl", "bare model cl", "cnnlab stream"]
+    # streaming reads the same batches in the same order: the same trained weights, the same accuracy
+    acc = table.set_index("path")["test_acc"]
+    assert acc["cnnlab stream"] == acc["cnnlab fp32"]
     assert (table["epoch_seconds"] > 0).all() and (table["first_epoch_seconds"] > 0).all()
     # 7 batches of 32 per smoke epoch in every path
     assert list(table["images_per_second"]) == pytest.approx(list(224 / table["epoch_seconds"]), rel=1e-6)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -117,6 +118,13 @@ def test_auto_loader_streams_when_the_data_exceeds_the_memory_budget(monkeypatch
     monkeypatch.setattr(train, "_free_memory", lambda device: 20e6)
     assert choose_loader("auto", [files, None], cpu) == "streaming"  # 12.3 MB > half of 20 MB
     assert train._free_memory(cpu) > 0  # the real probe reads this host's available memory
+
+
+def test_default_workers_decode_files_and_leave_in_memory_tensors_to_the_main_process():
+    files = FileSplit([Path("x.png")], torch.zeros(1, dtype=torch.long), 3, (8, 8))
+    assert train.stream_workers(None, _split()) == 0
+    assert train.stream_workers(None, files) == min(8, os.cpu_count() or 1)
+    assert train.stream_workers(3, _split()) == train.stream_workers(3, files) == 3
 
 
 def test_streaming_run_writes_the_same_results_as_a_resident_run(tmp_path):

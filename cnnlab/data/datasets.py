@@ -41,7 +41,7 @@ class DatasetConfig:
     # resident: whole splits live on the training device as uint8 (fastest); streaming: batches come
     # through a DataLoader with workers (data larger than device memory); auto: resident when it fits
     loader: str = "auto"
-    num_workers: Optional[int] = None  # streaming DataLoader worker processes; null = min(8, CPU cores)
+    num_workers: Optional[int] = None  # streaming DataLoader workers; null = min(8, cores) for image files, 0 in memory
 
     def validate(self, prefix: str = "dataset") -> None:
         check_choice(f"{prefix}.name", self.name, available())
