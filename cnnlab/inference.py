@@ -180,7 +180,9 @@ def open_run(run_dir: str | Path | None, checkpoint: str = "best", device: str |
     if eval_batch_size is not None:
         cfg.trainer.eval_batch_size = parse_value("trainer.eval_batch_size", str(eval_batch_size))
     run = validate(cfg)
-    prep = prepare(run)
+    saved = ckpt.get("spec")  # checkpoints from before it was recorded: read from the dataset config
+    prep = prepare(run, DatasetSpec(**{**saved, "classes": tuple(saved["classes"]), "mean": tuple(saved["mean"]),
+                                       "std": tuple(saved["std"])}) if saved else None)
     try:
         prep.model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as err:

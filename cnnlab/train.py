@@ -325,10 +325,13 @@ class Prepared:
     viz_layer: str | None  # the conv layer whose feature maps are drawn, if asked for
 
 
-def prepare(run: RunConfig) -> Prepared:
-    """Config-time checks that need the dataset's shape: pipeline and model build, device."""
+def prepare(run: RunConfig, spec: DatasetSpec | None = None) -> Prepared:
+    """Config-time checks that need the dataset's shape: pipeline and model build, device.
+
+    spec: the dataset's shape and classes when known already (a checkpoint records them, so a
+    trained model opens without its image folder); by default read from the dataset config."""
     device = select_device(run.trainer.device)
-    spec = spec_for(run.dataset)
+    spec = spec or spec_for(run.dataset)
     pipeline = build_pipeline(run.augmentation, spec)
     channels, height, width = pipeline.output_shape
     seed_everything(run.trainer.seed)  # the model's initial weights depend on the seed alone
@@ -603,6 +606,7 @@ def _fit(run: RunConfig, run_dir: Path, summary: dict[str, Any], overrides: list
             epoch=epoch, step=steps, rng=rng_state(generator), config=run.to_dict(), val_acc=val_acc,
             best_val_acc=best_acc, best_epoch=best_epoch, train_seconds=round(train_seconds, 3),
             partial=state.state_dict() if state else None,
+            spec=dataclasses.asdict(spec),  # input shape, class names, stats: inference needs no dataset files
         )
 
     def interrupted(signum: int, epoch: int, state: EpochState | None) -> Interrupted:

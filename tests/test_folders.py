@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -505,3 +507,11 @@ def test_training_run_on_an_image_folder_tree(tmp_path):
     confusion = pd.read_csv(run_dir / "confusion_matrix.csv", index_col=0)
     assert list(confusion.columns) == ["apple", "berry", "cherry"] and confusion.to_numpy().sum() == 9
     assert list((root / folders.CACHE_DIR).glob("image_folder-train-32x32-c3-*.npy"))
+    # The checkpoint records the dataset's shape and class names: predict needs no dataset files,
+    # so a trained model still classifies images after its training folder is moved away.
+    image = write_image(tmp_path / "new" / "query.png", COLORS[2], (60, 60))
+    root.rename(tmp_path / "moved")
+    predicted = subprocess.run([sys.executable, "-m", "cnnlab", "predict", f"run={run_dir}", f"images={image}", "k=3"],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    assert all(name in predicted.stdout for name in ("apple", "berry", "cherry"))
