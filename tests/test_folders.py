@@ -28,6 +28,7 @@ from cnnlab.data import (
     spec_for,
 )
 from cnnlab.data import folders
+from cnnlab.data import images as images_module
 from cnnlab.data.images import read_image
 from cnnlab.train import prepare
 
@@ -239,7 +240,7 @@ def _count_decodes(monkeypatch) -> list[Path]:
         calls.append(Path(path))
         return read_image(path, channels, size)
 
-    monkeypatch.setattr(folders, "read_image", counting)
+    monkeypatch.setattr(images_module, "read_image", counting)  # what every batch decode calls
     return calls
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -19,7 +17,7 @@ import torch.nn.functional as F
 
 from cnnlab.checks import ConfigError, check_choice, check_range
 from cnnlab.data import folders, sources
-from cnnlab.data.images import read_image
+from cnnlab.data.images import read_image, read_into
 
 log = logging.getLogger("cnnlab")
 
@@ -346,12 +344,7 @@ class FileSplit:
         if self.cache is not None:
             return Split(self.cache.load(self.cache_index, threads), self.labels.clone())
         images = torch.empty(len(self), self.channels, *self.size, dtype=torch.uint8)
-
-        def decode(i: int) -> None:
-            images[i] = self[i]
-
-        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
-            list(pool.map(decode, range(len(self))))
+        read_into(images, range(len(self)), self.paths, self.channels, self.size, threads)
         return Split(images, self.labels.clone())
 
 

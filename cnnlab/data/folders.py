@@ -13,7 +13,6 @@ import os
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,8 @@ import numpy as np
 import torch
 
 from cnnlab.checks import ConfigError
-from cnnlab.data.images import IMAGE_EXTENSIONS, is_image, read_image
+from cnnlab.data import sources
+from cnnlab.data.images import IMAGE_EXTENSIONS, is_image, read_into
 
 log = logging.getLogger("cnnlab")
 
@@ -110,7 +110,7 @@ def _tiny_folder(root: Path, download: bool) -> Path:
             root.mkdir(parents=True, exist_ok=True)
             download_and_extract_archive(TINY_URL, download_root=str(root), md5=TINY_MD5, remove_finished=True)
         except Exception as exc:  # no network, HTTP error, bad checksum: all end in the same advice
-            download_error = " ".join(f"{type(exc).__name__}: {exc}".split()).rstrip(". ")
+            download_error = sources.one_line(exc)
     if _tiny_missing(folder):
         raise _tiny_not_found(root, download, download_error)
     return folder
@@ -294,24 +294,6 @@ def load_image_folder(root: Path) -> FolderFiles:
 # --------------------------------------------------------------------------- decoding and the cache
 
 
-def decode(path: Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """read_image, with an unreadable file (permissions, I/O error) a ConfigError naming it."""
-    try:
-        return read_image(path, channels, size)
-    except OSError as err:
-        raise ConfigError(f"{path} cannot be read ({err}); check its permissions or replace it") from None
-
-
-def decode_into(out: torch.Tensor, rows: Sequence[int], paths: Sequence[Path], channels: int,
-                size: tuple[int, int], threads: int | None = None) -> None:
-    """out[row] = decode(paths[k]) for each (row, path) pair; threads, since decoding releases the GIL."""
-    def one(pair: tuple[int, Path]) -> None:
-        out[pair[0]] = decode(pair[1], channels, size)
-
-    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
-        list(pool.map(one, zip(rows, paths)))
-
-
 CACHE_DIR = ".cnnlab-cache"  # under the dataset root; safe to delete at any time
 _CACHE_VERSION = 1
 _CHUNK = 4096  # images copied out of the cache at a time: bounds the temporary memory
@@ -366,7 +348,7 @@ class ImageCache:
         except OSError as err:  # read-only dataset folder, disk full: train anyway, uncached
             log.info("not caching decoded images of %s in %s (%s); every run decodes them",
                      self.name, self.folder, " ".join(str(err).split()))
-            decode_into(out, range(len(index)), [self.paths[i] for i in index], self.channels, self.size, threads)
+            read_into(out, range(len(index)), [self.paths[i] for i in index], self.channels, self.size, threads)
         return out
 
     @contextmanager
@@ -403,7 +385,7 @@ class ImageCache:
             return
         if len(todo) > 1000:
             log.info("decoding %d images of %s once; later runs read them from %s", len(todo), self.name, pixels_path)
-        decode_into(out, todo.tolist(), [self.paths[i] for i in index[todo]], self.channels, self.size, threads)
+        read_into(out, todo.tolist(), [self.paths[i] for i in index[todo]], self.channels, self.size, threads)
         for start in range(0, len(todo), _CHUNK):
             rows = todo[start : start + _CHUNK]
             pixels[index[rows]] = out_np[rows]

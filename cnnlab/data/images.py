@@ -7,6 +7,9 @@ framing: shorter side scaled (antialiased), centre cropped.
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,8 @@ def _decode(path: Path, channels: int) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             array = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+    except PermissionError as err:
+        raise ConfigError(f"{path} cannot be read ({err}); check its permissions or replace it") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise ConfigError(f"{path} is not a readable image ({err}); delete or replace it") from None
     array = array[:, :, None] if array.ndim == 2 else array
@@ -60,3 +65,13 @@ def read_image(path: Path, channels: int, size: tuple[int, int] | None = None) -
         raise ConfigError(f"{path} does not exist or is not a file")
     image = _decode(path, channels)
     return fit_size(image, size) if size is not None else image
+
+
+def read_into(out: torch.Tensor, rows: Sequence[int], paths: Sequence[Path], channels: int,
+              size: tuple[int, int], threads: int | None = None) -> None:
+    """out[row] = read_image(path) for each (row, path) pair, in threads: decoding releases the GIL."""
+    def one(pair: tuple[int, Path]) -> None:
+        out[pair[0]] = read_image(pair[1], channels, size)
+
+    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(one, zip(rows, paths)))

@@ -115,7 +115,7 @@ def load_idx_dataset(name: str, root: Path, download: bool) -> RawData:
         try:
             _torchvision_download(name, root)
         except Exception as exc:  # no network, HTTP error, bad checksum: all end in the same advice
-            download_error = _one_line(exc)
+            download_error = one_line(exc)
         folder, partial = _find_idx_dir(name, root)
     if folder is None:
         raw_dir = root / IDX_LAYOUT[name] / "raw"
@@ -240,7 +240,7 @@ def load_cifar(name: str, root: Path, download: bool) -> RawData:
         try:
             _torchvision_download(name, root)
         except Exception as exc:
-            download_error = _one_line(exc)
+            download_error = one_line(exc)
     if missing():
         files = ", ".join(required) + f" (and {info['meta']} for class names)"
         state = (
@@ -285,7 +285,7 @@ def load_cifar(name: str, root: Path, download: bool) -> RawData:
 # --------------------------------------------------------------------------- download
 
 
-def _one_line(exc: Exception) -> str:
+def one_line(exc: Exception) -> str:
     """torchvision's download errors span lines; a ConfigError is printed as one paragraph."""
     return " ".join(f"{type(exc).__name__}: {exc}".split()).rstrip(". ")
 
