@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from cnnlab.checks import ConfigError
 from cnnlab.data import OPS, AugmentationConfig, DatasetSpec, Pipeline, build_pipeline
-from cnnlab.data.augment import rotate
+from cnnlab.data.augment import Op, Param, register_op, rotate, unregister_op, whole
 
 
 def spec(channels=3, size=32, mean=None, std=None, h=None) -> DatasetSpec:
@@ -307,3 +307,117 @@ def test_crop_larger_than_image_at_that_point():
 def test_color_jitter_after_normalize_rejected():
     with pytest.raises(ConfigError, match=r"ops\[1\]: color_jitter .* before normalize \(augmentation\.ops\[0\]\)"):
         build_pipeline(AugmentationConfig(ops=["normalize", "color_jitter"]), spec(3, 32))
+
+
+# ------------------------------------------------------------------------------- the op registry
+
+BUILTIN_OPS = ["random_crop", "hflip", "vflip", "color_jitter", "rotation", "resize", "center_crop", "normalize"]
+
+
+@pytest.fixture
+def registered():
+    """Names a test registers: unregistered afterwards, whether the test passes or fails."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        if name in OPS:
+            unregister_op(name)
+
+
+def test_custom_op_registers_builds_runs_and_is_validated(registered):
+    @register_op("test_invert", p=0.5, trim=Param(0, whole(0)))  # p: the shared probability check
+    class Invert(Op):
+        """Inverts each image with probability p (training only); drops its last `trim` rows."""
+
+        def __init__(self, ctx, p, trim):
+            if trim >= ctx.shape[1]:
+                raise ConfigError(f"{ctx.key}.trim={trim} leaves no rows of the {ctx.shape[1]}-row image")
+            self.p, self.trim = p, trim
+
+        def output_shape(self, shape):
+            c, h, w = shape
+            return (c, h - self.trim, w)
+
+        def train(self, x, g):
+            mask = torch.rand(x.shape[0], generator=g, device=x.device) < self.p
+            return self.eval(torch.where(mask[:, None, None, None], 1 - x, x))
+
+        def eval(self, x):
+            return x[:, :, : x.shape[2] - self.trim]
+
+    registered.append("test_invert")
+    assert list(OPS) == [*BUILTIN_OPS, "test_invert"] and OPS["test_invert"] == {"p": 0.5, "trim": 0}
+
+    s = spec(3, 16)
+    x = images(6, s)
+    xf = x.float() / 255
+    p = pipe(["hflip", {"op": "test_invert", "p": 1, "trim": 3}, {"op": "normalize", "stats": "half"}], s)
+    assert p.output_shape == (3, 13, 16)
+    flips = torch.rand(6, generator=gen(7)) < 0.5  # hflip's draw comes first
+    flipped = torch.where(flips[:, None, None, None], xf.flip(-1), xf)
+    torch.testing.assert_close(p(x, True, gen(7)), ((1 - flipped[:, :, :13]) - 0.5) / 0.5)
+    torch.testing.assert_close(p(x, False), (xf[:, :, :13] - 0.5) / 0.5)
+    half = pipe(["test_invert"], s)  # p=0.5: one draw per sample, from the pipeline's generator
+    inverted = torch.rand(6, generator=gen(3)) < 0.5
+    torch.testing.assert_close(half(x, True, gen(3)), torch.where(inverted[:, None, None, None], 1 - xf, xf))
+
+    for ops, match in [
+        ([{"op": "test_invert", "p": 2}], r"ops\[0\]\.p=2 is out of range: it must be in \[0, 1\]"),
+        ([{"op": "test_invert", "trim": 1.5}], r"ops\[0\]\.trim=1\.5 must be a whole number >= 0"),
+        ([{"op": "test_invert", "trimm": 1}],
+         r"trimm is not a parameter of test_invert; valid parameters: p \(default 0\.5\), trim \(default 0\)"),
+        (["blur"], r"'blur' is not valid; choose one of: random_crop, .*, normalize, test_invert"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            AugmentationConfig(ops=ops).validate()
+    with pytest.raises(ConfigError, match=r"ops\[1\]\.trim=16 leaves no rows"):  # the op's own build-time check
+        build_pipeline(AugmentationConfig(ops=["hflip", {"op": "test_invert", "trim": 16}]), s)
+    after_trim = [{"op": "test_invert", "trim": 6}, {"op": "center_crop", "size": 12}]  # its output_shape counts
+    with pytest.raises(ConfigError, match=r"ops\[1\]\.size=12x12 \(center_crop\) is larger than the 10x16 image "
+                                          r".*after test_invert"):
+        build_pipeline(AugmentationConfig(ops=after_trim), s)
+
+    unregister_op("test_invert")
+    assert list(OPS) == BUILTIN_OPS
+    with pytest.raises(ConfigError, match="'test_invert' is not valid"):
+        AugmentationConfig(ops=["test_invert"]).validate()
+
+
+def test_duplicate_names_and_malformed_declarations_are_refused(registered):
+    class Keep(Op):
+        def eval(self, x):
+            return x
+
+    with pytest.raises(ValueError, match="augmentation op 'hflip' is already registered"):
+        register_op("hflip", p=0.5)(Keep)
+    s = spec(3, 8)
+    x = images(2, s)
+    torch.testing.assert_close(pipe([{"op": "hflip", "p": 1}], s)(x, True, gen()), x.flip(-1).float() / 255)
+    register_op("test_keep")(Keep)
+    registered.append("test_keep")
+    with pytest.raises(ValueError, match="'test_keep' is already registered"):
+        register_op("test_keep")(Keep)
+
+    class TakesQ(Op):
+        def __init__(self, ctx, q):
+            self.q = q
+
+        def eval(self, x):
+            return x
+
+    class Nothing(Op):
+        pass
+
+    with pytest.raises(TypeError, match="parameter 'holes' needs a check"):  # bare default, not a shared name
+        register_op("test_bad", holes=1)
+    with pytest.raises(TypeError, match="'op' cannot be a parameter name"):
+        register_op("test_bad", op=Param(1, whole(0)))
+    with pytest.raises(ValueError, match=r"default fails its own check: test_bad\.p=1\.5 is out of range"):
+        register_op("test_bad", p=1.5)
+    with pytest.raises(TypeError, match="a subclass of cnnlab.data.augment.Op"):
+        register_op("test_bad")(object)
+    with pytest.raises(TypeError, match=r"TakesQ\(ctx, p\)"):
+        register_op("test_bad", p=0.5)(TakesQ)
+    with pytest.raises(TypeError, match="defines neither train nor eval"):
+        register_op("test_bad")(Nothing)
+    assert list(OPS) == [*BUILTIN_OPS, "test_keep"]
