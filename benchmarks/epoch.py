@@ -44,10 +44,9 @@ from cnnlab.data.augment import Pipeline
 from cnnlab.losses import build_loss
 from cnnlab.models.card import model_card
 from cnnlab.optim import build_optimizer, build_scheduler
-from cnnlab.train import (
-    Batches, EpochState, StepContext, StreamingBatches, configure_determinism, evaluate, prepare, run_steps,
-    select_device, stream_workers,
-)
+from cnnlab.build import configure_determinism, prepare, select_device
+from cnnlab.data.batches import Batches, StreamingBatches, stream_workers
+from cnnlab.engine import EpochState, StepContext, evaluate, run_steps
 
 # dense bf16 tensor-core peak (FLOP/s) by GPU name: the denominator of the achieved fraction
 PEAK_BF16 = {"H200": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100": 989e12,

@@ -1,10 +1,10 @@
 """`python -m cnnlab [overrides]` and the `cnnlab` console script: compose, validate, fit."""
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -18,7 +18,8 @@ from cnnlab.checks import ConfigError
 from cnnlab.config import config_dir, validate
 from cnnlab.interrupt import Interrupted
 from cnnlab.launch import job_placement, missing_launcher_message
-from cnnlab.report import console_table, write_summary
+from cnnlab.record import RunRecord
+from cnnlab.report import console_table
 from cnnlab.resume import resume_argv, resume_point, resumed_config
 from cnnlab.train import fit
 
@@ -38,6 +39,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if sweep and not multirun:  # a study preset run without -m: say what is being left out
         axes = ", ".join(f"{key}={values}" for key, values in sweep.items())
         log.warning("this config defines a sweep (%s) but runs once with its base settings; add -m to run the sweep", axes)
+    record = None  # the run's record, once its directory is known for sure
     try:
         if cfg.trainer.get("resume"):  # the checkpoint's config, changed only where this command line says
             point = resume_point(cfg.trainer.resume)
@@ -46,15 +48,17 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         run = validate(cfg)
         distributed.setup(world, run.trainer.device, multirun)
         run_dir = Path(distributed.broadcast(str(run_dir)))  # under torchrun: rank 0's run dir for every rank
+        opener = RunRecord.for_resume if run.trainer.resume else RunRecord.new
+        record = opener(run_dir, overrides, writes=world.is_main)
         with job_placement(cfg):  # jobs side by side: a share of the CPU threads, a GPU each
-            summary = fit(run, run_dir, overrides)
+            summary = fit(run, run_dir, overrides, record)
     except Interrupted as err:  # checkpointed at a step boundary; status: interrupted is in summary.json
         log.warning("%s: checkpoint saved. Continue with: %s trainer.resume=%s", err,
                     distributed.command_prefix(world), run_dir.resolve())
         sys.exit(err.exit_code)
     except Exception as err:
-        if world.is_main and not (run_dir / "summary.json").exists():  # fit() records its own failures
-            write_summary(run_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}", "overrides": overrides})
+        # fit() has recorded its own failure; one before it is recorded unless the directory holds a run
+        (record or RunRecord.new(run_dir, overrides, writes=world.is_main)).failed(err)
         if isinstance(err, ConfigError):
             # bad input: one clear message; the traceback only when debugging (Hydra's own switch)
             log.error("%s", err, exc_info=os.environ.get("HYDRA_FULL_ERROR") == "1")
@@ -68,26 +72,24 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     finally:
         distributed.teardown()
     log.info("%s", console_table(summary, run_dir))
-    return summary.get("best_val_acc")  # the value a sweeper would optimise
+    return summary.best_val_acc  # the value a sweeper would optimise
 
 
-def _subcommands() -> dict[str, Callable[[list[str]], int]]:
-    from cnnlab.evaluate import main as evaluate_main
-    from cnnlab.models.__main__ import main as models_main
-    from cnnlab.predict import main as predict_main
-    from cnnlab.report.__main__ import main as report_main
-
-    return {"models": models_main, "report": report_main, "evaluate": evaluate_main, "predict": predict_main}
-
-
-SUBCOMMANDS = ("models", "report", "evaluate", "predict")
+# subcommand -> the module whose main(argv) -> exit status runs it; imported only when named,
+# so training and `cnnlab --help` never load what the subcommands need (pandas, ...)
+SUBCOMMANDS = {
+    "models": "cnnlab.models.__main__",
+    "report": "cnnlab.report.__main__",
+    "evaluate": "cnnlab.evaluate",
+    "predict": "cnnlab.predict",
+}
 
 
 def main() -> None:
     """`cnnlab [overrides]` trains; `cnnlab models ...` lists the model zoo; `cnnlab report DIR` compares runs;
     `cnnlab evaluate run=DIR` scores a checkpoint on a test set; `cnnlab predict run=DIR images=...` classifies images."""
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
-        sys.exit(_subcommands()[sys.argv[1]](sys.argv[2:]))
+        sys.exit(importlib.import_module(SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:]))
     message = missing_launcher_message(sys.argv[1:])
     if message:
         print(message, file=sys.stderr)

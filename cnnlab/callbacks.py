@@ -1,7 +1,6 @@
 """Hydra callbacks registered in conf/config.yaml: output-directory check, end-of-sweep status."""
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab.checks import ConfigError
+from cnnlab.checks import ConfigError, unwritable_reason
 
 
 class SweepStatus(Callback):
@@ -32,8 +31,8 @@ class SweepStatus(Callback):
         # print, not logging: after the jobs, the root logger still writes to the last job's log
         print(f"\nsweep {sweep_dir.resolve()}: {len(runs)} jobs")
         for run in runs:
-            acc = run.summary.get("test_acc")
-            detail = f"test_acc {acc:.4f}" if isinstance(acc, (int, float)) else run.summary.get("error", "")
+            acc = run.summary.test_acc
+            detail = f"test_acc {acc:.4f}" if isinstance(acc, (int, float)) else (run.summary.error or "")
             print(f"  {run.status:<11} {run.name}  {detail}")
         if runs:
             write_sweep_report(sweep_dir, config)
@@ -60,18 +59,6 @@ def write_sweep_report(sweep_dir: Path, config: DictConfig) -> None:
     for note in report.notes:
         print(f"note: {note}")
     print(f"report: {(sweep_dir / 'sweep_summary.md').resolve()}")
-
-
-def unwritable_reason(path: Path) -> str | None:
-    """Why `path` cannot be created or written to, or None if it can."""
-    probe = path.absolute()
-    while not probe.exists():  # the nearest existing ancestor decides
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"{probe} is a file, not a directory"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{probe} is not writable by this user"
-    return None
 
 
 class OutputDirCheck(Callback):

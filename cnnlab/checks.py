@@ -5,7 +5,9 @@ message as one paragraph, without a traceback, and exits with status 2.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 
@@ -43,3 +45,38 @@ def check_range(
         else:
             wanted = f"in {left}, {right}"
         raise ConfigError(f"{key}={value!r} is out of range: it must be {wanted}")
+
+
+def is_whole(value: Any) -> bool:
+    """An int, or a float with no fractional part (YAML and the command line give 5.0 for 5 at times); not a bool."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def importable(module: str) -> bool:
+    """Whether `module` can be imported, without importing it: optional extras are checked this way.
+
+    find_spec returns None for a module set to None in sys.modules (how tests hide one) and raises
+    for a parent package that is not installed."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def unwritable_reason(path: Path) -> str | None:
+    """Why folder `path` cannot be created or written to, or None if it can.
+
+    Nothing is created: the Hydra callback checks the run directory before Hydra creates it;
+    evaluate and predict check their out= with it before any work is done."""
+    probe = Path(path).absolute()
+    while not probe.exists():  # the nearest existing ancestor decides
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    return None

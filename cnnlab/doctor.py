@@ -27,15 +27,13 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # train.py imports this module; the types are only for annotations
-    from cnnlab.config import RunConfig
-    from cnnlab.train import Evaluation, StepContext
+from cnnlab.engine import Evaluation, StepContext
 
 # --------------------------------------------------------------------------- thresholds
 
@@ -70,6 +68,30 @@ LARGE_STEP = 0.5
 SATURATING = ("sigmoid", "tanh")
 RECTIFIERS = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.RReLU, nn.PReLU)
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+# --------------------------------------------------------------------------- what the doctor is told
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run's values the findings and the advice depend on (build.doctor_settings fills them in
+    from the config); a model, optimizer or scheduler without one of them leaves it None."""
+
+    num_classes: int
+    chance_loss: float  # the loss of a net that gives every image the same uniform guess
+    model: str = "model"
+    batch_norm: bool | None = None
+    init: str | None = None
+    activation: str | None = None
+    optimizer: str = "optimizer"
+    lr: float | None = None
+    momentum: float | None = None
+    scheduler: str | None = None
+    warmup: float | None = None  # scheduler.warmup_epochs
+    epochs: int | None = None
+    grad_clip: float | None = None
+    has_grad_clip: bool = True  # trainer.grad_clip is advised only where it exists and is off
 
 
 # --------------------------------------------------------------------------- results
@@ -222,14 +244,6 @@ def _probe(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ctx: St
 # --------------------------------------------------------------------------- checks
 
 
-def chance_loss(run: RunConfig, num_classes: int) -> float:
-    """The loss of a net that outputs the same uniform guess for every image."""
-    k = num_classes
-    if getattr(run.loss, "name", "cross_entropy") == "mse":
-        return (k - 1) / k**2  # per-class variance of a one-hot target around 1/k, averaged
-    return math.log(k)  # cross-entropy, label smoothing or not
-
-
 def _check_collapse(loss: float, counts: np.ndarray, chance: float, num_classes: int,
                     source: str) -> Finding | None:
     total = int(counts.sum())
@@ -328,43 +342,24 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _settings(run: RunConfig) -> dict[str, Any]:
-    """The keys the advice depends on; a model/optimizer/scheduler lacking one gets None."""
-    return {
-        "model": getattr(run.model, "name", "model"),
-        "batch_norm": getattr(run.model, "batch_norm", None),
-        "init": getattr(run.model, "init", None),
-        "activation": getattr(run.model, "activation", None),
-        "optimizer": getattr(run.optimizer, "name", "optimizer"),
-        "lr": getattr(run.optimizer, "lr", None),
-        "momentum": getattr(run.optimizer, "momentum", None),
-        "scheduler": getattr(run.scheduler, "name", None),
-        "warmup": getattr(run.scheduler, "warmup_epochs", None),
-        "epochs": getattr(run.trainer, "epochs", None),
-        # trainer.grad_clip is advised only where the schema has it and it is off
-        "has_grad_clip": hasattr(run.trainer, "grad_clip"),
-        "grad_clip": getattr(run.trainer, "grad_clip", None),
-    }
-
-
-def _describe(s: dict[str, Any]) -> str:
+def _describe(s: Settings) -> str:
     """'vgg11 (no batch norm, PyTorch default init, relu, sgd lr 0.1, momentum 0.9, schedule none, no warm-up)'."""
     parts = []
-    if s["batch_norm"] is not None:
-        parts.append("batch norm" if s["batch_norm"] else "no batch norm")
-    if s["init"] is not None:
-        parts.append("PyTorch default init" if s["init"] == "pytorch_default" else f"{s['init']} init")
-    if s["activation"] is not None:
-        parts.append(s["activation"])
-    if s["lr"] is not None:
-        parts.append(f"{s['optimizer']} lr {_fmt(s['lr'])}")
-    if s["momentum"]:
-        parts.append(f"momentum {_fmt(s['momentum'])}")
-    if s["scheduler"] is not None:
-        parts.append(f"schedule {s['scheduler']}")
-    if s["warmup"] == 0 and s["scheduler"] != "onecycle":
+    if s.batch_norm is not None:
+        parts.append("batch norm" if s.batch_norm else "no batch norm")
+    if s.init is not None:
+        parts.append("PyTorch default init" if s.init == "pytorch_default" else f"{s.init} init")
+    if s.activation is not None:
+        parts.append(s.activation)
+    if s.lr is not None:
+        parts.append(f"{s.optimizer} lr {_fmt(s.lr)}")
+    if s.momentum:
+        parts.append(f"momentum {_fmt(s.momentum)}")
+    if s.scheduler is not None:
+        parts.append(f"schedule {s.scheduler}")
+    if s.warmup == 0 and s.scheduler != "onecycle":
         parts.append("no warm-up")
-    return f"{s['model']} ({', '.join(parts)})" if parts else s["model"]
+    return f"{s.model} ({', '.join(parts)})" if parts else s.model
 
 
 SYMPTOMS = {
@@ -374,7 +369,7 @@ SYMPTOMS = {
 }
 
 
-def _advice(findings: list[Finding], s: dict[str, Any]) -> tuple[str, list[str]]:
+def _advice(findings: list[Finding], s: Settings) -> tuple[str, list[str]]:
     """The likely cause (the config's settings that explain the findings) and the fixes that change them."""
     codes = {f.code for f in findings}
     collapsed, vanishing, dead = "collapsed" in codes, "vanishing_gradients" in codes, "dead_relus" in codes
@@ -384,13 +379,13 @@ def _advice(findings: list[Finding], s: dict[str, Any]) -> tuple[str, list[str]]
     def add(key: str, value: str, why: str) -> None:
         fixes.setdefault(key, f"{key}={value}: {why}")
 
-    no_bn = s["batch_norm"] is False
-    default_init = s["init"] == "pytorch_default"
-    saturating = s["activation"] in SATURATING
-    lr, momentum = s["lr"], s["momentum"] or 0.0
+    no_bn = s.batch_norm is False
+    default_init = s.init == "pytorch_default"
+    saturating = s.activation in SATURATING
+    lr, momentum = s.lr, s.momentum or 0.0
     effective = None if lr is None else lr / (1 - momentum)  # SGD's step size once momentum builds up
     large_step = effective is not None and effective >= LARGE_STEP
-    no_warmup = s["warmup"] == 0 and s["scheduler"] not in (None, "onecycle")
+    no_warmup = s.warmup == 0 and s.scheduler not in (None, "onecycle")
 
     if no_bn and (collapsed or vanishing or dead):
         reasons.append("without batch norm nothing keeps each layer's activations and gradients at a usable scale")
@@ -401,10 +396,10 @@ def _advice(findings: list[Finding], s: dict[str, Any]) -> tuple[str, list[str]]
                        "so the output barely depends on the image")
         add("model.init", "kaiming", "He init keeps the signal's scale from layer to layer")
     if saturating and (collapsed or vanishing):
-        reasons.append(f"{s['activation']} saturates and passes back at most "
-                       f"{'a quarter' if s['activation'] == 'sigmoid' else 'all'} of the gradient, less once saturated")
+        reasons.append(f"{s.activation} saturates and passes back at most "
+                       f"{'a quarter' if s.activation == 'sigmoid' else 'all'} of the gradient, less once saturated")
         add("model.activation", "relu", "ReLU passes the gradient through unchanged where it is active")
-    if dead and s["activation"] == "relu":
+    if dead and s.activation == "relu":
         add("model.activation", "leaky_relu",
             "keeps a small gradient for negative inputs, so dead units can come back")
     if (collapsed or dead) and lr is not None:
@@ -419,7 +414,7 @@ def _advice(findings: list[Finding], s: dict[str, Any]) -> tuple[str, list[str]]
             reasons.append("there is no warm-up to start with smaller steps")
         add("scheduler.warmup_epochs", _warmup_value(s),
             "ramps the lr up from a tenth, so the net reaches a trainable state before the full steps")
-    if dead and s["has_grad_clip"] and not s["grad_clip"]:
+    if dead and s.has_grad_clip and not s.grad_clip:
         add("trainer.grad_clip", "1.0", "caps the occasional huge step that pushes units below zero")
     symptoms = "; ".join(SYMPTOMS[f.code] for f in findings)
     cause = f"{_describe(s)}: {symptoms}."
@@ -431,17 +426,16 @@ def _advice(findings: list[Finding], s: dict[str, Any]) -> tuple[str, list[str]]
     return cause, [fixes[k] for k in keys]
 
 
-def _warmup_value(s: dict[str, Any]) -> str:
+def _warmup_value(s: Settings) -> str:
     # validate() needs warmup_epochs < trainer.epochs; a one-epoch run gets half an epoch.
-    return "1" if s["epochs"] is None or s["epochs"] > 1 else "0.5"
+    return "1" if s.epochs is None or s.epochs > 1 else "0.5"
 
 
 # --------------------------------------------------------------------------- entry point
 
 
 def examine(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, ctx: StepContext,
-            run: RunConfig, epoch: int, train_loss: float, evaluation: Evaluation | None,
-            num_classes: int) -> Diagnosis | None:
+            settings: Settings, epoch: int, train_loss: float, evaluation: Evaluation | None) -> Diagnosis | None:
     """Diagnose a run from one training batch after `epoch`; None when nothing is wrong.
 
     `images` uint8 [B, C, H, W] on the model's device and `labels` [B]; `evaluation` the epoch's
@@ -452,16 +446,28 @@ def examine(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     with _preserved(model, ctx.device):
         probe = _probe(model, images, labels, ctx, predict=not use_val)
 
-    chance = chance_loss(run, num_classes)
+    k, chance = settings.num_classes, settings.chance_loss
     if use_val:
         counts = np.asarray(evaluation.confusion).sum(axis=0)
-        collapse = _check_collapse(float(evaluation.loss), counts, chance, num_classes, "validation")
+        collapse = _check_collapse(float(evaluation.loss), counts, chance, k, "validation")
     else:
-        counts = np.bincount(probe.predictions.numpy(), minlength=num_classes)
-        collapse = _check_collapse(float(train_loss), counts, chance, num_classes, "training")
-    findings = [f for f in (collapse, _check_vanishing(probe.grads, probe.grads_finite, probe.loss, chance), _check_dead(probe.dead))
-                if f is not None]
+        counts = np.bincount(probe.predictions.numpy(), minlength=k)
+        collapse = _check_collapse(float(train_loss), counts, chance, k, "training")
+    findings = [f for f in (collapse, _check_vanishing(probe.grads, probe.grads_finite, probe.loss, chance),
+                            _check_dead(probe.dead)) if f is not None]
     if not findings:
         return None
-    cause, fixes = _advice(findings, _settings(run))
+    cause, fixes = _advice(findings, settings)
     return Diagnosis(epoch, findings, cause, fixes)
+
+
+def divergence_hints(s: Settings) -> list[str]:
+    """What to try when the loss became NaN/inf: the overrides of this config that make steps tamer."""
+    hints = [f"a lower learning rate (optimizer.lr={s.lr / 10:g})"] if s.lr is not None else []
+    if not s.warmup:
+        hints.append("a warm-up (scheduler.warmup_epochs=1)")
+    if s.has_grad_clip and not s.grad_clip:
+        hints.append("gradient clipping (trainer.grad_clip=1.0)")
+    if s.batch_norm is False:
+        hints.append("batch norm (model.batch_norm=true)")
+    return hints

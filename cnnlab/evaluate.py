@@ -23,10 +23,12 @@ from omegaconf import OmegaConf
 from cnnlab import report
 from cnnlab.checkpoint import write_json
 from cnnlab.checks import ConfigError
+from cnnlab.cli import fail, key_value_parser, last
 from cnnlab.config import config_dir, typed_group
-from cnnlab.data import DatasetConfig, Split, build_pipeline, load_dataset, spec_for
-from cnnlab.inference import OpenRun, check_writable_dir, last, open_run, parse_args, parse_value, usage, with_stats
-from cnnlab.train import Evaluation, evaluate
+from cnnlab.data import DatasetConfig, build_pipeline, load_dataset, spec_for
+from cnnlab.data.batches import placed
+from cnnlab.engine import Evaluation, evaluate
+from cnnlab.inference import OpenRun, check_writable_dir, open_run, parse_value, with_stats
 
 PROG = "cnnlab evaluate"
 KEYS = {
@@ -109,7 +111,7 @@ def run_evaluation(args: dict[str, list[str]], argv: list[str]) -> tuple[dict[st
     tic = time.perf_counter()
     # the run's seed: the same subset of the test set as the run drew, when dataset.subset is set
     data = load_dataset(cfg, seed=opened.run.trainer.seed)
-    test = data.test.to(opened.device) if isinstance(data.test, Split) else data.test  # a FileSplit streams itself
+    test = placed(data.test, opened.device)  # image files stream themselves
     result = evaluate(opened.model, test, opened.context(pipeline), opened.run.trainer.eval_batch_size,
                       opened.spec.num_classes)
     seconds = time.perf_counter() - tic
@@ -177,18 +179,15 @@ def format_result(summary: dict[str, Any], result: Evaluation, classes: tuple[st
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage(f"{PROG} run=<run dir> [key=value ...]",
-                    "Score a run's checkpoint on a test set: its own (by default) or another dataset of the same "
-                    "image shape and class count. Writes confusion_matrix.csv/.png, per_class_accuracy.csv and "
-                    "eval_summary.json; the run's own files are left as they are.", KEYS))
-        return 0
+    parser = key_value_parser(PROG, "run=<run dir> [key=value ...]",
+                              "Score a run's checkpoint on a test set: its own (by default) or another dataset of "
+                              "the same image shape and class count. Writes confusion_matrix.csv/.png, "
+                              "per_class_accuracy.csv and eval_summary.json; the run's own files are left as they are.",
+                              KEYS)
     try:
-        args = parse_args(argv, {k: v for k, v in KEYS.items() if k != "dataset.<key>"}, prefixes=("dataset.",))
-        summary, result, classes, out = run_evaluation(args, argv)
+        summary, result, classes, out = run_evaluation(parser.parse_args(argv).args, argv)
     except ConfigError as err:
-        print(f"{PROG}: {err}", file=sys.stderr)
-        return 2
+        return fail(PROG, err)
     print(format_result(summary, result, classes, out))
     return 0
 

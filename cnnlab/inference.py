@@ -1,15 +1,13 @@
 """Open a finished run for inference: checkpoint, typed config, model with its weights, pipeline.
 
 `cnnlab evaluate` and `cnnlab predict` both start here, so a checkpoint is found, checked and
-turned back into the exact model and input pipeline of its run in one place. They also share
-the `key=value` command-line parsing below (the same form as the training command line).
+turned back into the exact model and input pipeline of its run in one place. Their `key=value`
+command lines are parsed by cnnlab.cli; the values that are config values go through `parse_value`.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,42 +18,16 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from cnnlab.checkpoint import load_checkpoint
-from cnnlab.checks import ConfigError
+from cnnlab.checks import ConfigError, unwritable_reason
 from cnnlab.config import RunConfig, validate
 from cnnlab.data import DatasetSpec, Pipeline
-from cnnlab.losses import build_loss
-from cnnlab.train import StepContext, prepare, select_device
+from cnnlab.build import prepare, select_device, step_context
+from cnnlab.engine import StepContext
 
 CHECKPOINT_NAMES = ("best", "last")
 
 
 # ------------------------------------------------------------------------------- arguments
-
-
-def usage(synopsis: str, summary: str, keys: Mapping[str, str]) -> str:
-    """-h/--help text: the synopsis, what the command does, one line per argument."""
-    width = max(map(len, keys)) + 2
-    lines = [f"usage: {synopsis}", "", summary, "", "arguments (key=value, in any order):"]
-    return "\n".join(lines + [f"  {key:<{width}}{text}" for key, text in keys.items()])
-
-
-def parse_args(argv: list[str], keys: Mapping[str, str], prefixes: tuple[str, ...] = ()) -> dict[str, list[str]]:
-    """`key=value` arguments -> {key: [raw values, in order]}.
-
-    Values stay raw text: run directories of a sweep are named like `3_loss=mse,optimizer.lr=0.1`,
-    so paths must not go through Hydra's grammar (commas would make a sweep). Keys under a prefix
-    (`dataset.`) are accepted whatever follows it; the dataset schema checks them later.
-    """
-    parsed: dict[str, list[str]] = {}
-    valid = ", ".join(list(keys) + [f"{p}<key>" for p in prefixes])
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"argument {arg!r} is not key=value; valid arguments: {valid}")
-        if key not in keys and not any(key.startswith(p) and len(key) > len(p) for p in prefixes):
-            raise ConfigError(f"unknown argument {key!r}; valid arguments: {valid}")
-        parsed.setdefault(key, []).append(value)
-    return parsed
 
 
 def parse_value(key: str, text: str) -> Any:
@@ -69,20 +41,16 @@ def parse_value(key: str, text: str) -> Any:
     return override.value()
 
 
-def last(args: dict[str, list[str]], key: str, default: str | None = None) -> str | None:
-    """The value of a key given once (a repeated key: the last one wins, as in Hydra)."""
-    return args[key][-1] if key in args else default
-
-
 def check_writable_dir(path: Path, key: str = "out") -> None:
-    """Fail before any work when the output folder cannot be created or written."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
-            pass
-    except OSError as err:
-        raise ConfigError(f"{key}={path} is not a writable folder ({err.strerror or err}); "
-                          f"choose another with {key}=<folder>") from None
+    """Fail before any work when the output folder cannot be created or written; create it."""
+    reason = unwritable_reason(path)
+    if reason is None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # os.access can say yes to what the file system then refuses
+            reason = err.strerror or str(err)
+    if reason:
+        raise ConfigError(f"{key}={path} is not a writable folder ({reason}); choose another with {key}=<folder>")
 
 
 # ------------------------------------------------------------------------------- opening a run
@@ -103,16 +71,9 @@ class OpenRun:
     notes: list[str]  # things the user should know (device fallback, ...)
 
     def context(self, pipeline: Pipeline | None = None) -> StepContext:
-        """What train.evaluate needs; `pipeline` replaces the run's (another dataset's input shape)."""
-        t = self.run.trainer
-        return StepContext(
-            pipeline=pipeline or self.pipeline,
-            loss_fn=build_loss(self.run.loss, self.spec.num_classes),
-            device=self.device,
-            bf16=t.precision == "bf16" and self.device.type == "cuda",
-            channels_last=t.channels_last,
-            generator=None,  # eval mode draws no random numbers
-        )
+        """What engine.evaluate needs; `pipeline` replaces the run's (another dataset's input shape)."""
+        return step_context(self.run.trainer, self.run.loss, pipeline or self.pipeline, self.spec.num_classes,
+                            self.device)
 
     def describe(self) -> str:
         where = self.checkpoint.relative_to(self.run_dir) if self.checkpoint.is_relative_to(self.run_dir) else self.checkpoint

@@ -2,7 +2,6 @@
 share of the machine each job takes when jobs run side by side (CPU threads, one GPU each)."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import socket
@@ -15,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from cnnlab.checks import importable
 from cnnlab.config import config_dir
 
 log = logging.getLogger("cnnlab")
@@ -25,10 +25,6 @@ PLUGINS = {
     "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
     "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
 }
-
-
-def _importable(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 def _plugin_for(launcher: str) -> tuple[str, str] | None:
@@ -55,7 +51,7 @@ def missing_launcher_message(argv: list[str]) -> str | None:
         if not sep or key != "hydra/launcher":
             continue
         plugin = _plugin_for(name)
-        if plugin and not _importable(plugin[0]):
+        if plugin and not importable(plugin[0]):
             return (f"hydra/launcher={name} needs Hydra's launcher plugin {plugin[1]}, which is not installed. "
                     f"Install the launcher plugins with `pip install 'cnnlab[launchers]'` (or `pip install "
                     f"{plugin[1]}`), or drop the hydra/launcher override to run the sweep's jobs one after another.")

@@ -1,6 +1,7 @@
 """Loss functions: cross-entropy and MSE on one-hot targets (for MSE vs CE studies)."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,3 +57,11 @@ def build_loss(cfg: LossConfig, num_classes: int) -> LossFn:
         return F.mse_loss(out, F.one_hot(y, num_classes).float())
 
     return mse
+
+
+def chance_loss(cfg: LossConfig, num_classes: int) -> float:
+    """The loss of a net that outputs the same uniform guess for every image: the stuck level."""
+    k = num_classes
+    if isinstance(cfg, MSEConfig):
+        return (k - 1) / k**2  # per-class variance of a one-hot target around 1/k, averaged
+    return math.log(k)  # cross-entropy, label smoothing or not

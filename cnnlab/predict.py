@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +25,9 @@ import torch
 
 from cnnlab.checkpoint import atomic_write_text
 from cnnlab.checks import ConfigError, check_range
-from cnnlab.data.images import IMAGE_EXTENSIONS, is_image, read_image
-from cnnlab.inference import OpenRun, last, open_run, parse_args, parse_value, usage, writable_file
+from cnnlab.cli import fail, key_value_parser, last
+from cnnlab.data.images import IMAGE_EXTENSIONS, is_image, read_into
+from cnnlab.inference import OpenRun, open_run, parse_value, writable_file
 from cnnlab.losses import MSEConfig
 
 PROG = "cnnlab predict"
@@ -78,15 +77,7 @@ def read_all(paths: list[Path], opened: OpenRun) -> torch.Tensor:
     spec = opened.spec
     images = torch.empty(len(paths), spec.channels, spec.height, spec.width, dtype=torch.uint8)
     failures: list[str] = []
-
-    def decode(i: int) -> None:
-        try:
-            images[i] = read_image(paths[i], spec.channels, (spec.height, spec.width))
-        except ConfigError as err:
-            failures.append(str(err))
-
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
-        list(pool.map(decode, range(len(paths))))
+    read_into(images, range(len(paths)), paths, spec.channels, (spec.height, spec.width), failures=failures)
     if failures:
         shown = "; ".join(sorted(failures)[:10]) + (f"; and {len(failures) - 10} more" if len(failures) > 10 else "")
         raise ConfigError(f"{len(failures)} of {len(paths)} image(s) could not be read, nothing was predicted: {shown}")
@@ -148,18 +139,14 @@ def format_predictions(opened: OpenRun, predictions: list[Prediction], k: int) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage(f"{PROG} run=<run dir> images=<file|folder>[,<file>...] [key=value ...]",
-                    "Classify image files with a trained run: each image is framed to the run's dataset image size, "
-                    "goes through the run's eval pipeline and model, and its top-k classes are printed with their "
-                    "softmax probabilities.", KEYS))
-        return 0
+    parser = key_value_parser(PROG, "run=<run dir> images=<file|folder>[,<file>...] [key=value ...]",
+                              "Classify image files with a trained run: each image is framed to the run's dataset "
+                              "image size, goes through the run's eval pipeline and model, and its top-k classes are "
+                              "printed with their softmax probabilities.", KEYS)
     try:
-        opened, predictions, k, out = run_predict(parse_args(argv, KEYS))
+        opened, predictions, k, out = run_predict(parser.parse_args(argv).args)
     except ConfigError as err:
-        print(f"{PROG}: {err}", file=sys.stderr)
-        return 2
+        return fail(PROG, err)
     print(format_predictions(opened, predictions, k))
     if out is not None:
         print(f"csv: {out.resolve()}")

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab.checkpoint import atomic_write_text
+from cnnlab.checkpoint import atomic_write_text, load_checkpoint, restore_rng
 from cnnlab.checks import ConfigError
 
 RESUME_KEY = "trainer.resume"
@@ -104,3 +105,28 @@ def trim_metrics(run_dir: Path, epoch: int) -> None:
     metrics = pd.read_csv(path)
     if (metrics["epoch"] > epoch).any():
         atomic_write_text(path, metrics[metrics["epoch"] <= epoch].to_csv(index=False))
+
+
+def restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LambdaLR, generator: torch.Generator, model_name: str, epochs: int,
+            device: torch.device) -> dict[str, Any]:
+    """Load a checkpoint into a freshly built run: weights, optimizer, schedule position, RNGs.
+
+    The schedule itself is rebuilt from the config, so a larger trainer.epochs re-plans it; only
+    its position (the step count) comes from the checkpoint. Returns the checkpoint."""
+    ckpt = load_checkpoint(path, map_location=device)
+    fused = [group.get("fused") for group in optimizer.param_groups]  # a property of this device, not the saved one
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group, flag in zip(optimizer.param_groups, fused):
+            group["fused"] = flag
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ConfigError(f"{path} does not fit this {model_name} run (was it written for another model "
+                          f"or optimizer?): {str(err).splitlines()[0]}") from None
+    scheduler.load_state_dict(dict(ckpt["scheduler"], lr_lambdas=[None] * len(scheduler.lr_lambdas)))
+    if ckpt["config"]["trainer"]["epochs"] != epochs:
+        for group, base, schedule in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * schedule(scheduler.last_epoch)
+    restore_rng(ckpt["rng"], generator)
+    return ckpt

@@ -1,9 +1,13 @@
 """Experiment trackers (the `logger` config group): mirror a run into TensorBoard and/or MLflow.
 
 Hook points, all called by cnnlab.train.fit on the process that writes files:
-    trackers = open_trackers(run, run_dir, summary)   # before training; may resume a tracker run
-    trackers.log_epoch(row)                           # after each metrics.csv row
-    trackers.close(summary, run_dir)                  # after summary.json, whatever the status
+    trackers = open_trackers(cfg, config, run_dir, summary, resumed)  # before training; may resume a tracker run
+    trackers.log_epoch(row)                                           # after each metrics.csv row
+    trackers.close(summary, run_dir)                                  # at the end, whatever the status
+
+They get built values: the logger config, the run config as a plain dict (its hyperparameters),
+and the run's typed Summary (record.py), which they read and into which they note where they
+write (summary.trackers).
 
 The run directory stays the record of truth; trackers are views of it. So a tracker that fails
 while the run is going (a full disk, a tracking server that went away) is switched off with a
@@ -11,14 +15,13 @@ warning and never costs the run. What the user got wrong (an unknown key, a pack
 installed) is a ConfigError before any data is loaded.
 
 This module imports neither tensorboard nor mlflow at import time: a run without trackers pays
-nothing, and cnnlab.config can import the schema below.
+nothing. cnnlab.config imports the schema below; this module imports no config module.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -27,12 +30,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import Any, Optional, Protocol
 
-from cnnlab.checks import ConfigError
-
-if TYPE_CHECKING:
-    from cnnlab.config import RunConfig
+from cnnlab.checks import ConfigError, importable
+from cnnlab.record import Status, Summary
 
 log = logging.getLogger("cnnlab")
 
@@ -103,19 +104,11 @@ def required_packages(cfg: LoggerConfig) -> dict[str, list[str]]:
     return needs
 
 
-def _importable(module: str) -> bool:
-    # find_spec returns None for a module set to None in sys.modules (how tests hide one)
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def check_installed(cfg: LoggerConfig) -> None:
     """One ConfigError naming every missing package and the pip extra that brings it."""
     problems, extras = [], []
     for tracker, modules in required_packages(cfg).items():
-        missing = [m for m in modules if not _importable(m)]
+        missing = [m for m in modules if not importable(m)]
         if missing:
             noun = "package" if len(missing) == 1 else "packages"
             problems.append(f"logger={tracker} needs the {' and '.join(missing)} {noun}")
@@ -136,12 +129,6 @@ TB_TAGS = {
     "epoch_seconds": "time/epoch_seconds",
     "images_per_second": "time/images_per_second",
 }
-# summary.json keys that become final metrics (TensorBoard: final/<key>; MLflow: <key>)
-FINAL_METRICS = (
-    "test_acc", "test_loss", "best_val_acc", "best_epoch", "final_train_loss", "final_train_acc",
-    "final_val_loss", "final_val_acc", "epochs_completed", "train_seconds", "params_total", "params_trainable",
-    "model_size_mb", "flops_per_image",
-)
 # files of the run directory uploaded as MLflow artifacts, when they exist
 ARTIFACTS = (
     "summary.json", "metrics.csv", "curves.png", "confusion_matrix.png", "confusion_matrix.csv",
@@ -149,16 +136,16 @@ ARTIFACTS = (
 )
 # cnnlab status -> MLflow run status. Failed, diverged and stuck runs all ended without a model
 # that learned; an interrupted run was stopped by a signal and can be resumed (KILLED).
-MLFLOW_STATUS = {"completed": "FINISHED", "interrupted": "KILLED", "failed": "FAILED", "diverged": "FAILED",
-                 "stuck": "FAILED"}
+MLFLOW_STATUS = {Status.COMPLETED: "FINISHED", Status.INTERRUPTED: "KILLED", Status.FAILED: "FAILED",
+                 Status.DIVERGED: "FAILED", Status.STUCK: "FAILED"}
 # cnnlab status -> TensorBoard HParams session status (it has no "killed": interrupted is unknown)
-TB_STATUS = {"completed": "STATUS_SUCCESS", "interrupted": "STATUS_UNKNOWN", "failed": "STATUS_FAILURE",
-             "diverged": "STATUS_FAILURE", "stuck": "STATUS_FAILURE"}
+TB_STATUS = {Status.COMPLETED: "STATUS_SUCCESS", Status.INTERRUPTED: "STATUS_UNKNOWN", Status.FAILED: "STATUS_FAILURE",
+             Status.DIVERGED: "STATUS_FAILURE", Status.STUCK: "STATUS_FAILURE"}
 # left out of params/hparams: tracker settings and the resume path do not change results
 NOT_HPARAMS = ("logger", "trainer.resume")
 
 
-def flat_config(run: RunConfig) -> dict[str, Any]:
+def flat_config(config: dict[str, Any]) -> dict[str, Any]:
     """The run config as dotted keys with scalar values (bool, int, float, str): the same keys for
     every run of a model family, so a sweep lines up in MLflow and in TensorBoard's HParams tab."""
     flat: dict[str, Any] = {}
@@ -177,13 +164,8 @@ def flat_config(run: RunConfig) -> dict[str, Any]:
             else:  # lists (augmentation ops, VGG arch): one value, compared as text
                 flat[name] = json.dumps(value, default=str)
 
-    walk(run.to_dict(), "")
+    walk(config, "")
     return flat
-
-
-def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    return {key: float(summary[key]) for key in FINAL_METRICS
-            if isinstance(summary.get(key), (int, float)) and not isinstance(summary.get(key), bool)}
 
 
 def epoch_values(row: dict[str, Any]) -> dict[str, float]:
@@ -215,7 +197,7 @@ class Backend(Protocol):
 
     def log_epoch(self, row: dict[str, Any]) -> None: ...
 
-    def close(self, summary: dict[str, Any], run_dir: Path) -> None: ...
+    def close(self, summary: Summary | None, run_dir: Path) -> None: ...
 
 
 # --------------------------------------------------------------------------------- TensorBoard
@@ -234,17 +216,17 @@ class TensorBoardTracker:
     name = "tensorboard"
     FINAL_SUFFIX = ".final"
 
-    def __init__(self, cfg: TensorBoardConfig, run: RunConfig, run_dir: Path, summary: dict[str, Any],
+    def __init__(self, cfg: TensorBoardConfig, hparams: dict[str, Any], run_dir: Path, summary: Summary,
                  resumed: bool) -> None:
         importlib.import_module("torch.utils.tensorboard")  # a resumed run opens later: fail here, not then
 
         path = Path(cfg.dir).expanduser()
         self.dir = path if path.is_absolute() else run_dir / path
         self.run_dir = run_dir
-        self.hparams = flat_config(run)
-        self.started = _seconds(summary.get("started_at"))
+        self.hparams = hparams
+        self.started = _seconds(summary.started_at)
         self.writer: Any = None
-        summary.setdefault("trackers", {})["tensorboard_dir"] = str(self.dir.resolve())
+        summary.trackers["tensorboard_dir"] = str(self.dir.resolve())
         if not resumed:  # a resumed run opens at its first new epoch, where purge_step is known
             self._open(purge_step=None)
         log.info("tensorboard: writing to %s (view: tensorboard --logdir %s)", self.dir, self.dir.parent)
@@ -269,25 +251,31 @@ class TensorBoardTracker:
                 self.writer.add_scalar(TB_TAGS[key], value, epoch)
         self.writer.flush()  # a live `tensorboard` sees each epoch as it ends
 
-    def close(self, summary: dict[str, Any], run_dir: Path) -> None:
+    def close(self, summary: Summary | None, run_dir: Path) -> None:
         self.run_dir = run_dir
         try:
-            if summary.get("status") != "resuming":  # a refused resume changed nothing to show
+            if summary is not None:  # None: a refused resume, which changed nothing to show
                 self._write_final(summary)
         finally:
             if self.writer is not None:
                 self.writer.close()
 
-    def _write_final(self, summary: dict[str, Any] | None) -> None:
-        from tensorboard.compat.proto.summary_pb2 import Summary
+    def _write_final(self, summary: Summary | None) -> None:
+        """The HParams session (start; with a summary, also its end, final metrics and images).
+
+        Built from the hparams plugin's metadata module: its own session_start_pb/session_end_pb
+        (tensorboard.plugins.hparams.summary) import TensorFlow, and torch's summary.hparams()
+        always adds an experiment record (which would hide runs of other model families), takes
+        no start time and marks every session a success."""
+        from tensorboard.compat.proto.summary_pb2 import Summary as SummaryProto
         from tensorboard.compat.proto.tensor_pb2 import TensorProto
         from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
         from torch.utils.tensorboard import summary as tb_summary
         from torch.utils.tensorboard.writer import FileWriter
 
-        def plugin_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
-            return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data),
-                                                tensor=TensorProto(dtype="DT_FLOAT"))])
+        def plugin_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> SummaryProto:
+            return SummaryProto(value=[SummaryProto.Value(tag=tag, metadata=metadata.create_summary_metadata(data),
+                                                          tensor=TensorProto(dtype="DT_FLOAT"))])
 
         # No experiment-level record: TensorBoard then builds the HParams table from every run's
         # session start, so runs of different model families (different keys) all show.
@@ -309,12 +297,12 @@ class TensorBoardTracker:
                                               plugin_data_pb2.HParamsPluginData(session_start_info=start)), 0)
             if summary is None:
                 return
-            step = int(summary.get("epochs_completed") or 0)
-            status = api_pb2.Status.Value(TB_STATUS.get(summary.get("status", ""), "STATUS_FAILURE"))
+            step = int(summary.epochs_completed or 0)
+            status = api_pb2.Status.Value(TB_STATUS.get(summary.status, "STATUS_FAILURE"))
             end = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
             writer.add_summary(plugin_summary(metadata.SESSION_END_INFO_TAG,
                                               plugin_data_pb2.HParamsPluginData(session_end_info=end)), step)
-            for key, value in final_metrics(summary).items():  # the HParams tab's metric columns
+            for key, value in summary.final_metrics().items():  # the HParams tab's metric columns
                 writer.add_summary(tb_summary.scalar(f"final/{key}", value), step)
             for image in ("confusion_matrix", "feature_maps"):
                 path = self.run_dir / f"{image}.png"
@@ -340,15 +328,13 @@ def _code_block(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
 
 
-def _run_text(summary: dict[str, Any]) -> str:
-    lines = [f"**status** {summary.get('status')}"]
-    for key in ("error", "diagnosis", "test_acc", "best_val_acc", "best_epoch", "epochs_completed", "device",
-                "overrides"):
-        value = summary.get(key)
-        if value not in (None, "", [], {}):
-            if key == "diagnosis" and isinstance(value, dict):
-                value = value.get("summary") or value.get("text") or json.dumps(value, default=str)[:500]
-            lines.append(f"**{key}** {value}")
+def _run_text(summary: Summary) -> str:
+    diagnosis = json.dumps(summary.diagnosis, default=str)[:500] if summary.diagnosis else None
+    shown = {"error": summary.error, "diagnosis": diagnosis, "test_acc": summary.test_acc,
+             "best_val_acc": summary.best_val_acc, "best_epoch": summary.best_epoch,
+             "epochs_completed": summary.epochs_completed, "device": summary.device, "overrides": summary.overrides}
+    lines = [f"**status** {summary.status}"]
+    lines += [f"**{key}** {value}" for key, value in shown.items() if value not in (None, "", [], {})]
     return "  \n".join(lines)
 
 
@@ -383,7 +369,7 @@ class MlflowTracker:
 
     name = "mlflow"
 
-    def __init__(self, cfg: MlflowConfig, run: RunConfig, run_dir: Path, summary: dict[str, Any],
+    def __init__(self, cfg: MlflowConfig, hparams: dict[str, Any], run_dir: Path, summary: Summary,
                  resumed: bool) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
@@ -404,13 +390,13 @@ class MlflowTracker:
                 experiment_id = experiment.experiment_id
                 if experiment.lifecycle_stage == "deleted":
                     self.client.restore_experiment(experiment_id)
-        self.params = {k: _param_value(str(v)) for k, v in flat_config(run).items()}
+        self.params = {k: _param_value(str(v)) for k, v in hparams.items()}
         self.run_id = self._previous_run(summary, experiment_id) if resumed else None
         self.reopened = self.run_id is not None
         self.first_epoch = True
         if not self.reopened:
-            tags = {"cnnlab.run_dir": str(self.run_dir), "cnnlab.model": run.model.name,
-                    "cnnlab.dataset": run.dataset.name, "cnnlab.overrides": " ".join(summary.get("overrides", [])),
+            tags = {"cnnlab.run_dir": str(self.run_dir), "cnnlab.model": str(summary.model),
+                    "cnnlab.dataset": str(summary.dataset), "cnnlab.overrides": " ".join(summary.overrides),
                     **{str(k): str(v) for k, v in cfg.tags.items()}}
             sweep = _sweep_dir()
             if sweep is not None:
@@ -418,15 +404,15 @@ class MlflowTracker:
             created = self.client.create_run(experiment_id, run_name=self.run_dir.name, tags=_context_tags(tags))
             self.run_id = created.info.run_id
             self._batches(params=[Param(k, v) for k, v in self.params.items()])
-        summary.setdefault("trackers", {}).update(
+        summary.trackers.update(
             mlflow_run_id=self.run_id, mlflow_experiment_id=experiment_id, mlflow_tracking_uri=self.uri)
         log.info("mlflow: run %s (%s) in experiment %r at %s%s", self.run_dir.name, self.run_id, cfg.experiment,
                  self.uri, f" (view: mlflow ui --backend-store-uri {self.uri})" if store else "")
 
-    def _previous_run(self, summary: dict[str, Any], experiment_id: str) -> str | None:
+    def _previous_run(self, summary: Summary, experiment_id: str) -> str | None:
         """The run a resumed cnnlab run continues: summary.json's id, else the one tagged with this run dir
         (a run killed hard never wrote its summary.json)."""
-        run_id = (summary.get("trackers") or {}).get("mlflow_run_id")
+        run_id = summary.trackers.get("mlflow_run_id")
         try:
             if run_id and self.client.get_run(run_id).info.lifecycle_stage != "deleted":
                 return run_id
@@ -481,25 +467,24 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         self._batches(metrics=[Metric(k, v, now, epoch) for k, v in epoch_values(row).items()])
 
-    def close(self, summary: dict[str, Any], run_dir: Path) -> None:
+    def close(self, summary: Summary | None, run_dir: Path) -> None:
         from mlflow.entities import Metric
 
-        status = summary.get("status", "")
-        if status == "resuming":  # the resume was refused before training: leave MLflow as it was
+        if summary is None:  # the resume was refused before training: leave MLflow as it was
             if not self.reopened:  # but not an empty run made for it
                 self.client.delete_run(self.run_id)
             return
         try:
             now = int(time.time() * 1000)
-            step = int(summary.get("epochs_completed") or 0)
-            self._batches(metrics=[Metric(k, v, now, step) for k, v in final_metrics(summary).items()])
-            self.client.set_tag(self.run_id, "cnnlab.status", status)
-            if summary.get("error"):
-                self.client.set_tag(self.run_id, "cnnlab.error", str(summary["error"])[:5000])
+            step = int(summary.epochs_completed or 0)
+            self._batches(metrics=[Metric(k, v, now, step) for k, v in summary.final_metrics().items()])
+            self.client.set_tag(self.run_id, "cnnlab.status", str(summary.status))
+            if summary.error:
+                self.client.set_tag(self.run_id, "cnnlab.error", summary.error[:5000])
             if self.cfg.artifacts:
                 self._log_artifacts(run_dir)
         finally:  # whatever failed above, the run must not stay RUNNING
-            self.client.set_terminated(self.run_id, MLFLOW_STATUS.get(status, "FAILED"))
+            self.client.set_terminated(self.run_id, MLFLOW_STATUS.get(summary.status, "FAILED"))
 
     def _log_artifacts(self, run_dir: Path) -> None:
         for name in ARTIFACTS:
@@ -564,7 +549,8 @@ class Trackers:
             except Exception as err:  # noqa: BLE001 - see the class docstring
                 self._failed(backend, "log_epoch", err)
 
-    def close(self, summary: dict[str, Any], run_dir: Path) -> None:
+    def close(self, summary: Summary | None, run_dir: Path) -> None:
+        """summary None: a resume refused before training; each tracker leaves its run as it was."""
         failed_earlier = list(self.switched_off)
         for backend in list(self.backends):
             try:
@@ -577,23 +563,22 @@ class Trackers:
         self.backends, self.switched_off = [], []
 
 
-def open_trackers(run: RunConfig, run_dir: Path, summary: dict[str, Any]) -> Trackers:
-    """Start (or, for trainer.resume, reopen) the run's trackers.
+def open_trackers(cfg: LoggerConfig | None, config: dict[str, Any], run_dir: Path, summary: Summary,
+                  resumed: bool) -> Trackers:
+    """Start (or, for trainer.resume, reopen) the run's trackers; `config` is the run config as a dict.
 
     A missing package is the user's to fix: ConfigError (exit status 2) before any data is loaded.
     A tracker that fails to start (an unreachable server, say) is left out with a warning.
     """
-    cfg: LoggerConfig | None = getattr(run, "logger", None)
     if cfg is None or not cfg.selected():
         return Trackers()
     check_installed(cfg)
-    resumed = bool(run.trainer.resume)
+    hparams = flat_config(config)
     backends = []
     for name in cfg.selected():
         try:
-            backends.append(BACKENDS[name](getattr(cfg, name), run, Path(run_dir), summary, resumed))
+            backends.append(BACKENDS[name](getattr(cfg, name), hparams, Path(run_dir), summary, resumed))
         except Exception as err:  # noqa: BLE001 - never cost the run
             log.warning("%s tracker could not start and is off for this run (the run goes on): %s: %s",
                         name, type(err).__name__, err, exc_info=os.environ.get("HYDRA_FULL_ERROR") == "1")
     return Trackers(backends)
-

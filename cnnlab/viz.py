@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -13,8 +13,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
 
 from cnnlab.checks import ConfigError  # noqa: E402
+from cnnlab.data.splits import Split  # noqa: E402
+from cnnlab.engine import StepContext  # noqa: E402
 
 
 def conv_layer_names(model: nn.Module) -> list[str]:
@@ -49,21 +52,18 @@ def capture(model: nn.Module, layer: str, inputs: torch.Tensor) -> tuple[torch.T
 
 
 def _mosaic(image: np.ndarray, maps: np.ndarray) -> np.ndarray:
-    """One RGB tile grid: the input image first, then each channel map (own min-max, viridis)."""
-    h, w = image.shape[:2]
+    """One RGB tile grid: the input image first, then each channel map (own min-max, viridis).
+
+    torchvision's make_grid lays the tiles out (a square-ish grid, white gaps)."""
+    h = image.shape[0]
     cmap = matplotlib.colormaps["viridis"]
     tiles = [image]
     for fmap in maps:
         lo, hi = fmap.min(), fmap.max()
         tiles.append(cmap((fmap - lo) / (hi - lo) if hi > lo else np.zeros_like(fmap))[..., :3])
-    cols = math.ceil(math.sqrt(len(tiles)))
-    rows = math.ceil(len(tiles) / cols)
-    gap = max(1, h // 16)
-    canvas = np.ones((rows * (h + gap) - gap, cols * (w + gap) - gap, 3))
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, cols)
-        canvas[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tile
-    return canvas
+    batch = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).float()
+    grid = make_grid(batch, nrow=math.ceil(math.sqrt(len(tiles))), padding=max(1, h // 16), pad_value=1.0)
+    return grid.permute(1, 2, 0).numpy()
 
 
 def plot_feature_maps(
@@ -101,3 +101,18 @@ def plot_feature_maps(
     panels = sum(1 for ax in fig.axes if ax.images)  # what was drawn, not what was asked for
     plt.close(fig)
     return panels
+
+
+def draw_feature_maps(path: Path, model: nn.Module, layer: str, panels: Split, ctx: StepContext,
+                      classes: Sequence[str], channels: int, model_name: str) -> dict[str, Any]:
+    """feature_maps.png for the images of `panels` (on the model's device); returns what summary.json records."""
+    images, labels = panels.images, panels.labels
+    with ctx.autocast():
+        activations, predicted = capture(model, layer, ctx.inputs(images, train=False))
+    drawn = plot_feature_maps(
+        path, images, activations, predicted.tolist(), labels.tolist(), classes, channels,
+        title=f"{model_name}: feature maps at {layer} "
+        f"({activations.shape[1]} channels, {activations.shape[2]}x{activations.shape[3]})",
+    )
+    return {"file": path.name, "layer": layer, "panels": drawn, "channels_shown": min(channels, activations.shape[1]),
+            "predicted": predicted.tolist(), "true": labels.tolist()}

@@ -17,7 +17,8 @@ from benchmarks.epoch import main, reference_transforms, setup
 from cnnlab.checkpoint import load_checkpoint
 from cnnlab.losses import build_loss
 from cnnlab.optim import build_optimizer, build_scheduler
-from cnnlab.train import Batches, EpochState, StepContext, run_steps
+from cnnlab.data.batches import Batches
+from cnnlab.engine import EpochState, StepContext, run_steps
 
 from conftest import run_cnnlab
 

@@ -10,7 +10,7 @@ import torch
 
 from cnnlab.checks import ConfigError
 from cnnlab.config import RunConfig, validate
-from cnnlab.train import prepare
+from cnnlab.build import prepare
 
 from conftest import compose_config, config_options, run_cnnlab
 from test_folders import make_folder

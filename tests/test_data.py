@@ -24,7 +24,7 @@ from cnnlab.data import (
     spec_for,
 )
 from cnnlab.data import sources
-from cnnlab.data.datasets import CIFAR10_CLASSES, CIFAR100_CLASSES
+from cnnlab.data.sources import CIFAR10_CLASSES, CIFAR100_CLASSES
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 IDX_NAMES = sources.IDX_FILES

@@ -19,7 +19,9 @@ from cnnlab.config import RunConfig, validate
 from cnnlab.data import DataBundle, load_dataset
 from cnnlab.losses import build_loss
 from cnnlab.optim import build_optimizer, build_scheduler
-from cnnlab.train import Batches, Evaluation, StepContext, evaluate, prepare, train_one_epoch
+from cnnlab.build import doctor_settings, prepare
+from cnnlab.data.batches import Batches
+from cnnlab.engine import Evaluation, StepContext, evaluate, train_one_epoch
 
 from conftest import FASHION_MNIST_SYSTEM_DIR, compose_config, run_cnnlab
 
@@ -46,9 +48,9 @@ class Trained:
     def examine(self, epoch: int = 1, evaluation: Evaluation | None | str = "own",
                 train_loss: float | None = None) -> doctor.Diagnosis | None:
         images, labels = self.batch()
-        return doctor.examine(self.model, images, labels, self.ctx, self.run, epoch,
+        return doctor.examine(self.model, images, labels, self.ctx, doctor_settings(self.run, 10), epoch,
                               self.train_loss if train_loss is None else train_loss,
-                              self.evaluation if evaluation == "own" else evaluation, 10)
+                              self.evaluation if evaluation == "own" else evaluation)
 
 
 def setup(*overrides: str, epochs: int = 1) -> Trained:
@@ -181,7 +183,7 @@ def test_examine_leaves_no_trace(with_grads):
     rng, data_rng = torch.get_rng_state(), t.ctx.generator.get_state()
     tracked = int(bn.num_batches_tracked)
 
-    doctor.examine(model, images, labels, t.ctx, t.run, 1, LN10, None, 10)
+    doctor.examine(model, images, labels, t.ctx, doctor_settings(t.run, 10), 1, LN10, None)
 
     # It did run a train-mode pass that moved the BN statistics (then put them back).
     assert (True, tracked + 1) in seen
@@ -196,7 +198,7 @@ def test_examine_leaves_no_trace(with_grads):
 
     # And in eval mode it stays in eval mode.
     model.eval()
-    doctor.examine(model, images, labels, t.ctx, t.run, 1, LN10, None, 10)
+    doctor.examine(model, images, labels, t.ctx, doctor_settings(t.run, 10), 1, LN10, None)
     assert not any(m.training for m in model.modules())
     _assert_same(state, model.state_dict())
 

@@ -22,7 +22,7 @@ from cnnlab.config import validate
 from cnnlab.data import load_dataset
 from cnnlab.inference import open_run
 from cnnlab.losses import MSEConfig
-from cnnlab.train import prepare
+from cnnlab.build import prepare
 
 from conftest import run_cnnlab
 

@@ -30,7 +30,7 @@ from cnnlab.data import (
 from cnnlab.data import folders
 from cnnlab.data import images as images_module
 from cnnlab.data.images import read_image
-from cnnlab.train import prepare
+from cnnlab.build import prepare
 
 from conftest import compose_config, run_cnnlab
 

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf, open_dict
 import cnnlab.__main__ as cli
 from cnnlab import launch
 from cnnlab.config import config_dir
-from cnnlab.train import select_device
+from cnnlab.build import select_device
 
 from conftest import run_cnnlab
 
@@ -104,7 +104,7 @@ def test_slurm_config_extends_the_plugin_and_keeps_its_names():
     (["-m", "+hydra/launcher=joblib"], "hydra-joblib-launcher"),
 ])
 def test_a_missing_plugin_names_itself_and_the_extra(monkeypatch, argv, plugin):
-    monkeypatch.setattr(launch, "_importable", lambda module: False)
+    monkeypatch.setattr(launch, "importable", lambda module: False)
     message = launch.missing_launcher_message(argv)
     assert message and plugin in message and "pip install 'cnnlab[launchers]'" in message
     assert argv[1].lstrip("+") in message
@@ -112,14 +112,14 @@ def test_a_missing_plugin_names_itself_and_the_extra(monkeypatch, argv, plugin):
 
 def test_no_message_when_installed_or_not_a_plugin(monkeypatch):
     assert launch.missing_launcher_message(["-m", "hydra/launcher=joblib"]) is None  # installed here
-    monkeypatch.setattr(launch, "_importable", lambda module: False)
+    monkeypatch.setattr(launch, "importable", lambda module: False)
     for argv in (["-m", "optimizer.lr=0.1,0.01"], ["hydra/launcher=basic"], ["hydra/launcher=nope"],
                  ["hydra.launcher.n_jobs=2"]):
         assert launch.missing_launcher_message(argv) is None, argv
 
 
 def test_cli_stops_with_the_message_and_status_2(monkeypatch, capsys):
-    monkeypatch.setattr(launch, "_importable", lambda module: False)
+    monkeypatch.setattr(launch, "importable", lambda module: False)
     monkeypatch.setattr(sys, "argv", ["cnnlab", "-m", "+debug=smoke", "hydra/launcher=joblib"])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()

@@ -15,7 +15,7 @@ from cnnlab.config import model_defaults, validate
 from cnnlab.models import available, build_model
 from cnnlab.models.__main__ import model_table
 from cnnlab.models.card import REFERENCES, model_card
-from cnnlab.train import prepare
+from cnnlab.build import prepare
 from cnnlab.viz import plot_feature_maps
 
 from conftest import compose_config, run_cnnlab

@@ -15,7 +15,8 @@ import torch
 
 from cnnlab.checkpoint import load_checkpoint, save_checkpoint
 from cnnlab.interrupt import GracefulStop
-from cnnlab.train import Batches, EpochState, StepContext, run_steps
+from cnnlab.data.batches import Batches
+from cnnlab.engine import EpochState, StepContext, run_steps
 from conftest import run_cnnlab
 
 SMOKE = ("+debug=smoke", "scheduler=step")  # a schedule that does not depend on trainer.epochs

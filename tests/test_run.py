@@ -12,7 +12,7 @@ import pytest
 from cnnlab.checkpoint import load_checkpoint
 from cnnlab.config import validate
 from cnnlab.report import METRIC_COLUMNS
-from cnnlab.train import prepare
+from cnnlab.build import prepare
 
 from conftest import FASHION_MNIST_SYSTEM_DIR, compose_config, run_cnnlab
 

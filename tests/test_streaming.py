@@ -13,8 +13,9 @@ from PIL import Image
 from cnnlab.data import Split
 from cnnlab.data.datasets import FileSplit
 from cnnlab.distributed import World
-from cnnlab import train
-from cnnlab.train import Batches, StreamingBatches, choose_loader, evaluate
+from cnnlab.data import batches
+from cnnlab.data.batches import Batches, StreamingBatches, choose_loader
+from cnnlab.engine import StepContext, evaluate
 
 from conftest import run_cnnlab
 
@@ -99,7 +100,7 @@ def test_evaluate_gives_the_same_result_on_files_and_on_resident_tensors(tmp_pat
     from cnnlab.losses import CrossEntropyConfig, build_loss
 
     spec = DatasetSpec("t", tuple("abcde"), 3, 8, 8, (0.5,) * 3, (0.25,) * 3)
-    ctx = train.StepContext(build_pipeline(AugmentationConfig(), spec), build_loss(CrossEntropyConfig(), 5),
+    ctx = StepContext(build_pipeline(AugmentationConfig(), spec), build_loss(CrossEntropyConfig(), 5),
                             torch.device("cpu"), False, False, None)
     a = evaluate(spec_model, split, ctx, 7, 5)
     b = evaluate(spec_model, files, ctx, 7, 5, num_workers=2)
@@ -113,18 +114,18 @@ def test_auto_loader_streams_when_the_data_exceeds_the_memory_budget(monkeypatch
     assert choose_loader("streaming", [split], cpu) == "streaming"
     assert choose_loader("resident", [files], cpu) == "resident"
     assert choose_loader("auto", [split, None], cpu) == "resident"  # already in RAM: nothing to gain by streaming
-    monkeypatch.setattr(train, "_free_memory", lambda device: 100e6)
+    monkeypatch.setattr(batches, "_free_memory", lambda device: 100e6)
     assert choose_loader("auto", [files, None], cpu) == "resident"  # 12.3 MB <= half of 100 MB
-    monkeypatch.setattr(train, "_free_memory", lambda device: 20e6)
+    monkeypatch.setattr(batches, "_free_memory", lambda device: 20e6)
     assert choose_loader("auto", [files, None], cpu) == "streaming"  # 12.3 MB > half of 20 MB
-    assert train._free_memory(cpu) > 0  # the real probe reads this host's available memory
+    assert batches._free_memory(cpu) > 0  # the real probe reads this host's available memory
 
 
 def test_default_workers_decode_files_and_leave_in_memory_tensors_to_the_main_process():
     files = FileSplit([Path("x.png")], torch.zeros(1, dtype=torch.long), 3, (8, 8))
-    assert train.stream_workers(None, _split()) == 0
-    assert train.stream_workers(None, files) == min(8, os.cpu_count() or 1)
-    assert train.stream_workers(3, _split()) == train.stream_workers(3, files) == 3
+    assert batches.stream_workers(None, _split()) == 0
+    assert batches.stream_workers(None, files) == min(8, os.cpu_count() or 1)
+    assert batches.stream_workers(3, _split()) == batches.stream_workers(3, files) == 3
 
 
 def test_streaming_run_writes_the_same_results_as_a_resident_run(tmp_path):

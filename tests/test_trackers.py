@@ -23,6 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from cnnlab.checks import ConfigError
 from cnnlab.config import validate
+from cnnlab.record import Summary
 from cnnlab.report import METRIC_COLUMNS
 from cnnlab.trackers import (
     TB_TAGS, LoggerConfig, MlflowConfig, TensorBoardConfig, Trackers, check_installed, flat_config,
@@ -115,7 +116,7 @@ def check_mlflow(run: Any, run_dir: Path, workdir: Path) -> None:
     assert params["dataset.train_size"] == str(config["dataset"]["train_size"])
     assert params["augmentation.ops"] == json.dumps(config["augmentation"]["ops"])
     assert params["trainer.grad_clip"] == "None"
-    expected = flat_config(validate(compose_config("+debug=smoke")))  # the same keys as any smoke run
+    expected = flat_config(validate(compose_config("+debug=smoke")).to_dict())  # the same keys as any smoke run
     assert set(params) == set(expected)
 
     for column in METRIC_COLUMNS[1:]:
@@ -245,11 +246,11 @@ def test_default_is_no_tracker_and_needs_neither_package(monkeypatch: pytest.Mon
     assert run.logger.selected() == []
     monkeypatch.setitem(sys.modules, "mlflow", None)
     monkeypatch.setitem(sys.modules, "tensorboard", None)
-    summary: dict[str, Any] = {}
-    trackers = open_trackers(run, tmp_path, summary)
+    summary = Summary()
+    trackers = open_trackers(run.logger, run.to_dict(), tmp_path, summary, resumed=False)
     trackers.log_epoch({"epoch": 1, "train_loss": 1.0})
-    trackers.close({"status": "completed"}, tmp_path)
-    assert trackers.backends == [] and summary == {} and list(tmp_path.iterdir()) == []
+    trackers.close(Summary(status="completed"), tmp_path)
+    assert trackers.backends == [] and summary == Summary() and list(tmp_path.iterdir()) == []
 
 
 def test_options_compose_side_by_side_and_bad_keys_are_config_errors() -> None:
@@ -291,7 +292,7 @@ class Broken:
         self.calls += 1
         raise OSError("disk full")
 
-    def close(self, summary: dict[str, Any], run_dir: Path) -> None:
+    def close(self, summary: Summary, run_dir: Path) -> None:
         self.closed = True
 
 
@@ -305,8 +306,8 @@ class Recorder:
     def log_epoch(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
 
-    def close(self, summary: dict[str, Any], run_dir: Path) -> None:
-        self.closed_with = summary["status"]
+    def close(self, summary: Summary, run_dir: Path) -> None:
+        self.closed_with = summary.status
         raise RuntimeError("server went away")
 
 
@@ -317,7 +318,7 @@ def test_a_failing_tracker_is_switched_off_with_a_warning_and_the_others_go_on(
     with caplog.at_level(logging.WARNING, logger="cnnlab"):
         trackers.log_epoch({"epoch": 1})
         trackers.log_epoch({"epoch": 2})  # the broken one is not called again: one warning, not one per epoch
-        trackers.close({"status": "completed"}, tmp_path)  # a close that raises is a warning too
+        trackers.close(Summary(status="completed"), tmp_path)  # a close that raises is a warning too
     assert recorder.rows == [{"epoch": 1}, {"epoch": 2}] and recorder.closed_with == "completed"
     assert broken.calls == 1
     assert broken.closed  # off after its first failure, yet closed: an MLflow run must not stay "running"
@@ -333,6 +334,6 @@ def test_a_tracker_that_cannot_start_is_left_out(caplog: pytest.LogCaptureFixtur
     blocker.write_text("")
     run = validate(compose_config("+debug=smoke", "logger=tensorboard", f"logger.tensorboard.dir={blocker / 'tb'}"))
     with caplog.at_level(logging.WARNING, logger="cnnlab"):
-        trackers = open_trackers(run, tmp_path / "run", {})
+        trackers = open_trackers(run.logger, run.to_dict(), tmp_path / "run", Summary(), resumed=False)
     assert trackers.backends == []
     assert any("tensorboard tracker could not start" in r.getMessage() for r in caplog.records)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cnnlab.checks import ConfigError, check_choice, check_range
-from cnnlab.data.datasets import DatasetSpec
+from cnnlab.data.registry import DatasetSpec
 
 Shape = tuple[int, int, int]  # (C, H, W)
 

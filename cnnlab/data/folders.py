@@ -1,28 +1,28 @@
 """Datasets kept as image files: Tiny ImageNet and any torchvision-ImageFolder tree.
 
 Listing and parsing here read no pixels (one image header at most), so they are cheap enough for
-spec_for. ImageCache keeps the decoded uint8 images of a pool of files on disk under the dataset
-root, so only the first run pays for decoding. Every problem a user can fix is a ConfigError that
+spec_for; the images are decoded later, by the FileSplits loading returns (through the on-disk
+cache of cache.py). Both datasets are registered at the bottom. Every problem a user can fix is a ConfigError that
 names the file or folder and says what to do.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, List, Optional
 
-import numpy as np
 import torch
 
-from cnnlab.checks import ConfigError
+from cnnlab.checks import ConfigError, check_range, is_whole
 from cnnlab.data import sources
-from cnnlab.data.images import IMAGE_EXTENSIONS, is_image, read_into
+from cnnlab.data.cache import CACHE_DIR, ImageCache
+from cnnlab.data.images import IMAGE_EXTENSIONS, is_image
+from cnnlab.data.registry import DatasetConfig, DatasetSpec, Loaded, register_dataset
+from cnnlab.data.splits import FileSplit
 
 log = logging.getLogger("cnnlab")
 
@@ -291,151 +291,114 @@ def load_image_folder(root: Path) -> FolderFiles:
     return files
 
 
-# --------------------------------------------------------------------------- decoding and the cache
+# --------------------------------------------------------------------------- configs and registration
+
+@dataclass
+class TinyImageNetConfig(DatasetConfig):
+    """Tiny ImageNet: 100000 train / 10000 labelled val 64x64 colour images, 200 classes.
+    Its val/ set (labels from val_annotations.txt) is cnnlab's test split."""
+
+    name: str = "tiny_imagenet"
+    cache: bool = True  # keep decoded images in root/.cnnlab-cache (about 1.4 GB) so later runs start fast
+
+    def validate(self, prefix: str = "dataset") -> None:
+        if not isinstance(self.cache, bool):
+            raise ConfigError(f"{prefix}.cache={self.cache!r} must be true or false")
+        super().validate(prefix)
 
 
-CACHE_DIR = ".cnnlab-cache"  # under the dataset root; safe to delete at any time
-_CACHE_VERSION = 1
-_CHUNK = 4096  # images copied out of the cache at a time: bounds the temporary memory
+@dataclass
+class ImageFolderConfig(DatasetConfig):
+    """Any root/train/<class>/ + val/<class>/ and/or test/<class>/ tree of image files."""
+
+    name: str = "image_folder"
+    root: str = "???"  # no default location: the user's own folder
+    download: bool = False  # nothing to download
+    image_size: Any = None  # int (square) or [height, width]; null = the first training image's size
+    channels: int = 3  # 3 = RGB, 1 = grayscale; every image is converted to it
+    mean: Optional[List[float]] = None  # per channel; null = ImageNet's stats (their luma for 1 channel)
+    std: Optional[List[float]] = None
+    cache: bool = True  # keep decoded images in root/.cnnlab-cache so later runs start fast
+
+    def validate(self, prefix: str = "dataset") -> None:
+        if not is_whole(self.channels) or self.channels not in (1, 3):
+            raise ConfigError(f"{prefix}.channels={self.channels!r} must be 3 (RGB) or 1 (grayscale)")
+        size = self.image_size
+        if size is not None:
+            sides = list(size) if isinstance(size, (list, tuple)) else [size]
+            if len(sides) not in (1, 2) or any(not is_whole(v) for v in sides):
+                raise ConfigError(f"{prefix}.image_size={size!r} must be one whole number (square), "
+                                  f"[height, width] or null (the first training image's size)")
+            for side in sides:
+                check_range(f"{prefix}.image_size", side, 1, MAX_IMAGE_SIZE)
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if values is None:
+                continue
+            if (not isinstance(values, (list, tuple)) or len(values) != self.channels
+                    or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values)):
+                raise ConfigError(f"{prefix}.{key}={values!r} must be a list of {self.channels} number(s), "
+                                  f"one per channel ({prefix}.channels={self.channels}), or null")
+            for i, v in enumerate(values):
+                if key == "std":
+                    check_range(f"{prefix}.std[{i}]", v, 0, low_inclusive=False)
+                else:
+                    check_range(f"{prefix}.mean[{i}]", v, 0, 1)
+        if not isinstance(self.cache, bool):
+            raise ConfigError(f"{prefix}.cache={self.cache!r} must be true or false")
+        super().validate(prefix)
+
+    def size(self) -> tuple[int, int] | None:
+        if self.image_size is None:
+            return None
+        sides = list(self.image_size) if isinstance(self.image_size, (list, tuple)) else [self.image_size] * 2
+        return int(sides[0]), int(sides[-1])
+
+    def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        gray = self.channels == 1
+        mean = self.mean or (IMAGENET_GRAY_MEAN if gray else IMAGENET_MEAN)
+        std = self.std or (IMAGENET_GRAY_STD if gray else IMAGENET_STD)
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-class ImageCache:
-    """The decoded uint8 images of one pool of files (a training pool, a test set), kept on disk.
+MAX_IMAGE_SIZE = 4096  # pixels per side; larger is surely a typo (one 4096^2 RGB image is 50 MB)
 
-    Files in `folder`: <stem>.npy, uint8 [N, C, H, W], filled as images are first decoded (a subset
-    run stores only its images; a later run decodes only what is still missing), and <stem>.crc.npy,
-    int64 [N], each stored image's CRC-32 (-1: not stored yet). The stem holds a hash of the file list
-    with sizes and mtimes, channels, size and the Pillow version (the decoder), so changed files get a fresh
-    cache. Every image read back is checked against its CRC and decoded again on a mismatch: a
-    corrupted cache is rebuilt, never trusted; a cache left by an older version of the files is
-    removed when the new one is made. A lock file keeps a sweep's parallel jobs from filling it at
-    once (the second waits, then reads). An unwritable folder means no cache, with a log line.
-    """
 
-    def __init__(self, folder: Path, name: str, paths: Sequence[Path], channels: int, size: tuple[int, int]):
-        self.folder, self.name = Path(folder), name
-        self.paths = list(paths)
-        self.channels, self.size = channels, tuple(size)
-        self._stem: str | None = None
+def tiny_imagenet_spec(cfg: TinyImageNetConfig) -> DatasetSpec:
+    # class names from wnids.txt/words.txt; placeholders until a pending download brings them
+    classes = tiny_imagenet_classes(Path(cfg.root).expanduser(), cfg.download)
+    classes = classes or tuple(f"class_{i}" for i in range(TINY_NUM_CLASSES))
+    return DatasetSpec("tiny_imagenet", classes, 3, *TINY_SIZE, TINY_MEAN, TINY_STD)
 
-    def stem(self) -> str:
-        """<name>-<H>x<W>-c<C>-<hash>; the hash stats every file once (about 1 s per 100k files)."""
-        if self._stem is None:
-            from importlib.metadata import version
 
-            h = hashlib.sha256(f"v{_CACHE_VERSION} {self.channels} {self.size} "
-                               f"pillow {version('pillow')}\n".encode())
-            for path in self.paths:
-                try:
-                    st = os.stat(path)
-                except OSError as err:
-                    raise ConfigError(f"{path} cannot be read ({err}); it was listed a moment ago: "
-                                      f"is the dataset being changed?") from None
-                h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            height, width = self.size
-            self._stem = f"{self.name}-{height}x{width}-c{self.channels}-{h.hexdigest()[:20]}"
-        return self._stem
+def image_folder_spec(cfg: ImageFolderConfig) -> DatasetSpec:
+    root = Path(cfg.root).expanduser()
+    classes = image_folder_classes(root)
+    height, width = cfg.size() or first_image_size(root, classes)
+    mean, std = cfg.stats()
+    return DatasetSpec("image_folder", tuple(classes), cfg.channels, height, width, mean, std)
 
-    def load(self, index: torch.Tensor | np.ndarray | Sequence[int], threads: int | None = None) -> torch.Tensor:
-        """uint8 [len(index), C, H, W]: pool images at `index`, from the cache where stored and checked."""
-        index = np.asarray(index, dtype=np.int64)
-        out = torch.empty(len(index), self.channels, *self.size, dtype=torch.uint8)
-        stem = self.stem()
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with self._locked(stem):
-                self._fill(stem, index, out, threads)
-        except OSError as err:  # read-only dataset folder, disk full: train anyway, uncached
-            log.info("not caching decoded images of %s in %s (%s); every run decodes them",
-                     self.name, self.folder, " ".join(str(err).split()))
-            read_into(out, range(len(index)), [self.paths[i] for i in index], self.channels, self.size, threads)
-        return out
 
-    @contextmanager
-    def _locked(self, stem: str) -> Iterator[None]:
-        try:
-            import fcntl  # POSIX only; elsewhere parallel jobs may decode the same images twice
-        except ImportError:
-            yield
-            return
-        with open(self.folder / f"{stem}.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+def load_files(cfg: TinyImageNetConfig | ImageFolderConfig, spec: DatasetSpec) -> Loaded:
+    """FileSplits that decode on demand (or through the on-disk cache)."""
+    root = Path(cfg.root).expanduser()
+    files = load_tiny_imagenet(root, cfg.download) if isinstance(cfg, TinyImageNetConfig) else load_image_folder(root)
+    size = (spec.height, spec.width)
 
-    def _fill(self, stem: str, index: np.ndarray, out: torch.Tensor, threads: int | None) -> None:
-        pixels_path, crc_path = self.folder / f"{stem}.npy", self.folder / f"{stem}.crc.npy"
-        shape = (len(self.paths), self.channels, *self.size)
-        pixels, fresh = self._open_pixels(pixels_path, shape)
-        crcs = np.full(len(self.paths), -1, dtype=np.int64) if fresh else self._open_crcs(crc_path, len(self.paths))
-        out_np = out.numpy()
-        stored = np.flatnonzero(crcs[index] >= 0)
-        bad = []
-        for start in range(0, len(stored), _CHUNK):
-            rows = stored[start : start + _CHUNK]
-            out_np[rows] = pixels[index[rows]]
-            bad += [k for k in rows.tolist() if zlib.crc32(out_np[k]) != crcs[index[k]]]
-        if bad:
-            log.warning("%d cached images in %s do not match their checksums (a corrupted cache); "
-                        "decoding them again", len(bad), pixels_path)
-        todo = np.sort(np.concatenate([np.flatnonzero(crcs[index] < 0), np.asarray(bad, dtype=np.int64)]))
-        if not len(todo):
-            return
-        if len(todo) > 1000:
-            log.info("decoding %d images of %s once; later runs read them from %s", len(todo), self.name, pixels_path)
-        read_into(out, todo.tolist(), [self.paths[i] for i in index[todo]], self.channels, self.size, threads)
-        for start in range(0, len(todo), _CHUNK):
-            rows = todo[start : start + _CHUNK]
-            pixels[index[rows]] = out_np[rows]
-        pixels.flush()  # pixels reach the file before the checksums that vouch for them
-        crcs[index[todo]] = [zlib.crc32(out_np[k]) for k in todo.tolist()]
-        tmp = crc_path.with_name(f".{crc_path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, crcs)
-            os.replace(tmp, crc_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    def split(name: str, paths: list[Path], labels: torch.Tensor) -> FileSplit:
+        cache = ImageCache(root / CACHE_DIR, f"{cfg.name}-{name}", paths, spec.channels, size) if cfg.cache else None
+        return FileSplit(paths, labels, spec.channels, size, cache)
 
-    def _open_pixels(self, path: Path, shape: tuple[int, ...]) -> tuple[np.memmap, bool]:
-        """The pixel file as a writable memmap, and whether it was (re)created empty."""
-        reason = None
-        if path.exists():
-            try:
-                np.load(path, mmap_mode="r")  # "r" first: "r+" would silently extend a truncated file
-                pixels = np.load(path, mmap_mode="r+")
-                if pixels.shape == shape and pixels.dtype == np.uint8:
-                    return pixels, False
-                reason = f"it holds {pixels.dtype} {pixels.shape}, expected uint8 {shape}"
-            except (ValueError, EOFError) as err:  # bad header, truncated file
-                reason = " ".join(str(err).split())
-            log.warning("image cache %s is unusable (%s); rebuilding it", path, reason)
-            path.unlink()
-        else:
-            self._remove_stale(path.name[: -len(".npy")])
-        return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape), True
+    val = None
+    if files.val_paths is not None:
+        val = split("val", files.val_paths, files.val_labels)
+        if cfg.val_split:
+            log.info("dataset %s: %s is the validation split; dataset.val_split=%s is ignored",
+                     cfg.name, root / "val", cfg.val_split)
+    return Loaded(split("train", files.train_paths, files.train_labels),
+                  split("test", files.test_paths, files.test_labels), val, files.classes)
 
-    def _remove_stale(self, stem: str) -> None:
-        """Caches of the same pool, size and channels under another hash were made for files that
-        have changed since: each can be 1.4 GB, so they go when the new one is made."""
-        prefix = stem.rsplit("-", 1)[0] + "-"
-        for old in self.folder.glob(f"{prefix}*"):
-            if not old.name.startswith(stem) and old.name[len(prefix):].split(".")[0].isalnum():
-                log.info("removing the stale image cache %s (its files have changed)", old)
-                old.unlink(missing_ok=True)
 
-    @staticmethod
-    def _open_crcs(path: Path, n: int) -> np.ndarray:
-        try:
-            crcs = np.load(path)
-            if crcs.shape == (n,) and crcs.dtype == np.int64:
-                return np.array(crcs)
-            reason = f"it holds {crcs.dtype} {crcs.shape}, expected int64 ({n},)"
-        except FileNotFoundError:
-            return np.full(n, -1, dtype=np.int64)
-        except (ValueError, EOFError) as err:  # a bad header, a truncated or pickled file
-            reason = " ".join(str(err).split(". ")[0].split())
-        log.warning("image cache checksums %s are unusable (%s); decoding every image again", path, reason)
-        return np.full(n, -1, dtype=np.int64)
+register_dataset("tiny_imagenet", schema=TinyImageNetConfig, spec=tiny_imagenet_spec, load=load_files,
+                 train_size=TINY_TRAIN_SIZE)
+register_dataset("image_folder", schema=ImageFolderConfig, spec=image_folder_spec, load=load_files)

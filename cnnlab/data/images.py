@@ -68,10 +68,19 @@ def read_image(path: Path, channels: int, size: tuple[int, int] | None = None) -
 
 
 def read_into(out: torch.Tensor, rows: Sequence[int], paths: Sequence[Path], channels: int,
-              size: tuple[int, int], threads: int | None = None) -> None:
-    """out[row] = read_image(path) for each (row, path) pair, in threads: decoding releases the GIL."""
+              size: tuple[int, int], threads: int | None = None, failures: list[str] | None = None) -> None:
+    """out[row] = read_image(path) for each (row, path) pair, in threads: decoding releases the GIL.
+
+    With `failures`, an unreadable file's message is appended there (its row left as it was) instead
+    of raised, so that a caller can name every such file in one error.
+    """
     def one(pair: tuple[int, Path]) -> None:
-        out[pair[0]] = read_image(pair[1], channels, size)
+        try:
+            out[pair[0]] = read_image(pair[1], channels, size)
+        except ConfigError as err:
+            if failures is None:
+                raise
+            failures.append(str(err))  # list.append is atomic: safe from the pool's threads
 
     with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
         list(pool.map(one, zip(rows, paths)))

@@ -1,21 +1,23 @@
-"""Reading the datasets' original files from disk, and downloading them with torchvision.
+"""The datasets torchvision downloads, read from their original files: MNIST and Fashion-MNIST
+(idx files), CIFAR-10 and CIFAR-100 (pickles). Each is registered at the bottom.
 
-Everything here turns files into uint8 numpy/torch arrays in one pass (np.frombuffer, no
-per-sample Python). Every problem a user can fix (missing folder, truncated download, wrong
-file) becomes a ConfigError that names the file or folder and says what to do.
+Everything here turns files into uint8 tensors in one pass (np.frombuffer, no per-sample
+Python). Every problem a user can fix (missing folder, truncated download, wrong file) becomes
+a ConfigError that names the file or folder and says what to do.
 """
 from __future__ import annotations
 
 import gzip
 import pickle
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cnnlab.checks import ConfigError
+from cnnlab.data.registry import DatasetSpec, Loaded, register_dataset
+from cnnlab.data.splits import Split
 
 # --------------------------------------------------------------------------- MNIST-style idx
 
@@ -34,15 +36,6 @@ SYSTEM_DIRS: dict[str, list[Path]] = {
     "mnist": [],
     "fashion_mnist": [Path("/usr/share/datasets/fashion-mnist")],  # Debian's fashion-mnist package
 }
-
-
-@dataclass
-class RawData:
-    train_images: torch.Tensor  # uint8 [N, C, H, W]
-    train_labels: torch.Tensor  # int64 [N]
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    classes: tuple[str, ...] | None = None  # from a meta file, when the dataset ships one
 
 
 def _corrupted(path: Path, why: str, fix: str) -> ConfigError:
@@ -107,7 +100,7 @@ def _find_idx_dir(name: str, root: Path) -> tuple[Path | None, list[str]]:
     return None, partial
 
 
-def load_idx_dataset(name: str, root: Path, download: bool) -> RawData:
+def load_idx_dataset(name: str, root: Path, download: bool) -> Loaded:
     """mnist / fashion_mnist from the four idx files; download with torchvision if allowed."""
     folder, partial = _find_idx_dir(name, root)
     download_error = None
@@ -152,12 +145,8 @@ def load_idx_dataset(name: str, root: Path, download: bool) -> RawData:
                 f"dataset {name}: {ip} holds {len(images)} images but {lp} holds {len(labels)} labels; "
                 f"one of them is corrupted or from another dataset. {fix}"
             )
-    return RawData(
-        torch.from_numpy(train_x.copy()),
-        torch.from_numpy(train_y.astype(np.int64)),
-        torch.from_numpy(test_x.copy()),
-        torch.from_numpy(test_y.astype(np.int64)),
-    )
+    return Loaded(Split(torch.from_numpy(train_x.copy()), torch.from_numpy(train_y.astype(np.int64))),
+                  Split(torch.from_numpy(test_x.copy()), torch.from_numpy(test_y.astype(np.int64))))
 
 
 # --------------------------------------------------------------------------- CIFAR pickles
@@ -227,7 +216,7 @@ def _cifar_batch(path: Path, labels_key: bytes, fix: str) -> tuple[np.ndarray, n
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def load_cifar(name: str, root: Path, download: bool) -> RawData:
+def load_cifar(name: str, root: Path, download: bool) -> Loaded:
     info = CIFAR[name]
     folder = root / info["folder"]
     required = info["train"] + info["test"]
@@ -279,7 +268,7 @@ def load_cifar(name: str, root: Path, download: bool) -> RawData:
         arrays = [p[i] for p in parts[split]]
         return torch.from_numpy(np.ascontiguousarray(np.concatenate(arrays) if len(arrays) > 1 else arrays[0]))
 
-    return RawData(cat("train", 0), cat("train", 1), cat("test", 0), cat("test", 1), classes)
+    return Loaded(Split(cat("train", 0), cat("train", 1)), Split(cat("test", 0), cat("test", 1)), classes=classes)
 
 
 # --------------------------------------------------------------------------- download
@@ -290,16 +279,57 @@ def one_line(exc: Exception) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split()).rstrip(". ")
 
 
+# torchvision's dataset class for each dataset here; its download puts the files where the readers
+# above look: root/MNIST/raw, root/FashionMNIST/raw, root/cifar-10-batches-py, ...
+TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+
+
 def _torchvision_download(name: str, root: Path) -> None:
-    """Download (and extract) with torchvision's own dataset classes; the files then lie where
-    the readers above look: root/MNIST/raw, root/FashionMNIST/raw, root/cifar-10-batches-py, ..."""
+    """Download (and extract) with torchvision's own dataset class."""
     import torchvision.datasets as tvd  # imported only here: slow to import, not needed otherwise
 
-    cls = {
-        "mnist": tvd.MNIST,
-        "fashion_mnist": tvd.FashionMNIST,
-        "cifar10": tvd.CIFAR10,
-        "cifar100": tvd.CIFAR100,
-    }[name]
     root.mkdir(parents=True, exist_ok=True)
-    cls(str(root), train=True, download=True)  # one archive / file set holds both splits
+    getattr(tvd, TORCHVISION_CLASSES[name])(str(root), train=True, download=True)  # one file set holds both splits
+
+
+# --------------------------------------------------------------------------- registration
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+# The 100 fine label names, in the order of cifar-100-python/meta (sorted alphabetically).
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
+    "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle",
+    "caterpillar", "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch",
+    "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox",
+    "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion",
+    "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom",
+    "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road",
+    "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake",
+    "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank",
+    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle",
+    "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+SPECS = {
+    "cifar10": DatasetSpec("cifar10", CIFAR10_CLASSES, 3, 32, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetSpec("cifar100", CIFAR100_CLASSES, 3, 32, 32,
+                            (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "fashion_mnist": DatasetSpec("fashion_mnist", FASHION_MNIST_CLASSES, 1, 28, 28, (0.2860,), (0.3530,)),
+    "mnist": DatasetSpec("mnist", tuple(str(d) for d in range(10)), 1, 28, 28, (0.1307,), (0.3081,)),
+}
+TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000, "mnist": 60_000}
+
+
+def _register(name: str, reader) -> None:
+    register_dataset(name, spec=lambda cfg: SPECS[name], train_size=TRAIN_SIZES[name],
+                     load=lambda cfg, spec: reader(name, Path(cfg.root).expanduser(), cfg.download))
+
+
+for _name in IDX_LAYOUT:
+    _register(_name, load_idx_dataset)
+for _name in CIFAR:
+    _register(_name, load_cifar)

@@ -5,18 +5,19 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import pandas as pd
 
 from cnnlab.checks import ConfigError
+from cnnlab.cli import Parser, fail
 from cnnlab.config import model_defaults, typed_group
 from cnnlab.data import available as datasets
 from cnnlab.data import spec_for
 from cnnlab.models import available, build_model
 from cnnlab.models.card import human, model_card
 
+PROG = "cnnlab models"
 SORT_KEYS = ("params", "flops", "name")
 
 
@@ -63,24 +64,26 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cnnlab models", description=__doc__.splitlines()[0])
+    parser = Parser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="cifar10", choices=datasets(),
                         help="size the models for this dataset's images and classes (default: cifar10)")
     parser.add_argument("--sort", default="params", choices=SORT_KEYS, help="sort order (default: params)")
     parser.add_argument("--near", metavar="MODEL", choices=available(),
                         help="sort by closeness in parameter count to this model")
     parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
-    args = parser.parse_args(argv)
-
+    try:
+        args = parser.parse_args(argv)
+    except ConfigError as err:
+        return fail(PROG, err)
     try:
         table = model_table(args.dataset)
     except ConfigError as err:  # image_folder takes its shape from files: it needs a dataset.root to list for
-        parser.error(f"--dataset {args.dataset} cannot be sized without its files ({err}); "
-                     "list the models for a built-in dataset of the same image size instead")
+        return fail(PROG, f"--dataset {args.dataset} cannot be sized without its files ({err}); "
+                          "list the models for a built-in dataset of the same image size instead")
     if args.near:
         target = table.loc[table["model"] == args.near, "params"].iloc[0]
         if pd.isna(target):
-            parser.error(f"--near {args.near}: that model does not build for {args.dataset}")
+            return fail(PROG, f"--near {args.near}: that model does not build for {args.dataset}")
         table = table.assign(vs_near=table["params"] / target)
         table = table.iloc[(table["params"] - target).abs().argsort(kind="stable")]
     else:

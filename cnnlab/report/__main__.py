@@ -7,13 +7,16 @@ from datetime import datetime
 from pathlib import Path
 
 from cnnlab.checks import ConfigError
+from cnnlab.cli import Parser, fail
 from cnnlab.report.compare import write_report
 from cnnlab.report.sweep import RANK_METRICS
 
+PROG = "cnnlab report"
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="cnnlab report",
+    parser = Parser(
+        prog=PROG,
         description="Compare runs: a ranked table (csv + markdown) of the parameters that varied and the results, "
                     "overlaid curves, test accuracy bars and confusion matrices.",
     )
@@ -28,15 +31,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    out = args.out or (args.dirs[0] if len(args.dirs) == 1
-                       else Path("outputs/reports") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
-    facet = [key for item in args.facet for key in item.split(",") if key]  # accept a,b as well as a b
     try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        out = args.out or (args.dirs[0] if len(args.dirs) == 1
+                           else Path("outputs/reports") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+        facet = [key for item in args.facet for key in item.split(",") if key]  # accept a,b as well as a b
         report = write_report(args.dirs, out, metric=args.metric, facet=facet)
     except ConfigError as err:
-        print(f"cnnlab report: {err}", file=sys.stderr)
-        return 2
+        return fail(PROG, err)
     print(f"{len(report.table)} runs compared; varied: {', '.join(report.keys) or 'nothing'}")
     for note in report.notes:
         print(f"note: {note}")

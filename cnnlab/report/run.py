@@ -13,7 +13,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from cnnlab.checkpoint import write_json  # noqa: E402
+from cnnlab.record import Summary  # noqa: E402
 
 METRIC_COLUMNS = (
     "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second",
@@ -29,10 +29,6 @@ def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
         if new:
             writer.writeheader()
         writer.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
-
-
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    write_json(run_dir / "summary.json", summary)
 
 
 def write_confusion(run_dir: Path, matrix: np.ndarray, classes: Sequence[str]) -> None:
@@ -103,23 +99,22 @@ def _duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
-def console_table(summary: dict[str, Any], run_dir: Path) -> str:
+def console_table(summary: Summary, run_dir: Path) -> str:
     """The few lines a run ends with on the console: how it went and where its files are."""
-    rows = [("status", str(summary.get("status")))]
-    if isinstance(summary.get("test_acc"), (int, float)):
-        rows.append(("test accuracy", f"{summary['test_acc']:.2%}  (loss {summary['test_loss']:.4f}, "
-                                      f"{summary.get('test_checkpoint', 'best')} weights)"))
-    if summary.get("best_epoch"):
-        val = summary.get("best_val_acc")
-        rows.append(("best epoch", f"{summary['best_epoch']} of {summary.get('epochs_completed', '?')}"
+    s = summary
+    rows = [("status", str(s.status))]
+    if isinstance(s.test_acc, (int, float)):
+        rows.append(("test accuracy", f"{s.test_acc:.2%}  (loss {s.test_loss:.4f}, {s.test_checkpoint or 'best'} weights)"))
+    if s.best_epoch:
+        val = s.best_val_acc
+        rows.append(("best epoch", f"{s.best_epoch} of {s.epochs_completed or '?'}"
                                    + (f"  (val accuracy {val:.2%})" if isinstance(val, (int, float)) else "")))
-    if summary.get("params_total") is not None:
-        rows.append(("parameters", f"{summary['params_total']:,}  ({summary.get('model_size_mb', 0):.2f} MB)"))
-    if summary.get("train_seconds") is not None:
-        rows.append(("time", f"{_duration(summary['train_seconds'])} training"
-                             + (f" on {summary['device']}" if summary.get("device") else "")))
+    if s.params_total is not None:
+        rows.append(("parameters", f"{s.params_total:,}  ({s.model_size_mb or 0:.2f} MB)"))
+    if s.train_seconds is not None:
+        rows.append(("time", f"{_duration(s.train_seconds)} training" + (f" on {s.device}" if s.device else "")))
     rows.append(("run directory", str(run_dir.resolve())))
     width = max(len(name) for name, _ in rows)
     rule = "-" * (width + 2 + max(len(value) for _, value in rows))
-    title = f"{summary.get('model', '')} on {summary.get('dataset', '')}".strip()
+    title = f"{s.model or ''} on {s.dataset or ''}".strip()
     return "\n".join([title, rule, *(f"{name:<{width}}  {value}" for name, value in rows), rule])

@@ -19,6 +19,7 @@ import pandas as pd
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from cnnlab.checks import ConfigError, check_choice
+from cnnlab.record import Summary, read_summary
 
 # ranking metric -> True when higher is better
 RANK_METRICS: dict[str, bool] = {
@@ -55,14 +56,14 @@ class Run:
 
     path: Path
     name: str
-    summary: dict[str, Any]
+    summary: Summary
     params: dict[str, Any]  # flattened resolved config, plus override keys the config lacks
     override_keys: list[str]  # in the order the user wrote them: the report's column order
     metrics: pd.DataFrame | None
 
     @property
     def status(self) -> str:
-        return str(self.summary.get("status", "unknown"))
+        return str(self.summary.status or "unknown")
 
 
 def find_runs(sources: Sequence[Path]) -> list[Path]:
@@ -94,11 +95,11 @@ def load_runs(paths: Sequence[Path]) -> list[Run]:
     runs = []
     for path in paths:
         try:
-            summary = json.loads((path / "summary.json").read_text())
-        except (OSError, ValueError) as err:
-            summary = {"status": "unreadable", "error": f"summary.json: {err}"}
-        overrides = _parse_overrides(summary.get("overrides") or [])
-        params = _flatten(summary.get("config") or {})
+            summary = read_summary(path)
+        except (OSError, ValueError, TypeError) as err:
+            summary = Summary(status="unreadable", error=f"summary.json: {err}")
+        overrides = _parse_overrides(summary.overrides or [])
+        params = _flatten(summary.config or {})
         params.update({k: v for k, v in overrides.items() if k not in params and f"{k}.name" not in params})
         name = str(path.relative_to(root)) if path != root else path.name
         runs.append(Run(path, name, summary, params, list(overrides), _read_metrics(path)))
@@ -214,26 +215,31 @@ def run_row(run: Run, keys: Sequence[str]) -> dict[str, Any]:
     """One row of sweep_summary.csv."""
     s, m = run.summary, run.metrics
     last = m.iloc[-1] if m is not None else {}
-    best_epoch = s.get("best_epoch")
+    best_epoch = s.best_epoch
     train_acc, val_acc = _at_epoch(m, best_epoch, "train_acc"), _at_epoch(m, best_epoch, "val_acc")
     row: dict[str, Any] = {"run": run.name, **{k: run.params.get(k) for k in keys}, "status": run.status}
     row.update(
         best_epoch=best_epoch,
-        best_val_acc=s.get("best_val_acc"),
-        test_acc=s.get("test_acc"),
-        test_loss=s.get("test_loss"),
-        final_train_loss=s.get("final_train_loss", last.get("train_loss")),
-        final_val_loss=s.get("final_val_loss", last.get("val_loss")),
+        best_val_acc=s.best_val_acc,
+        test_acc=s.test_acc,
+        test_loss=s.test_loss,
+        final_train_loss=_first(s.final_train_loss, last.get("train_loss")),
+        final_val_loss=_first(s.final_val_loss, last.get("val_loss")),
         # generalization gap where the run was scored: train minus val accuracy at the best epoch
         gap=None if train_acc is None or val_acc is None else train_acc - val_acc,
         **overfitting(m),
-        params=s.get("params_total"),
-        train_seconds=s.get("train_seconds"),
-        epochs=s.get("epochs_completed", len(m) if m is not None else 0),
-        error=s.get("error"),
+        params=s.params_total,
+        train_seconds=s.train_seconds,
+        epochs=_first(s.epochs_completed, len(m) if m is not None else 0),
+        error=s.error,
         path=str(run.path),
     )
     return row
+
+
+def _first(value: Any, fallback: Any) -> Any:
+    """summary.json's value, else what metrics.csv says (files from before a field existed)."""
+    return fallback if value is None else value
 
 
 def overfitting(metrics: pd.DataFrame | None) -> dict[str, Any]:
