@@ -226,7 +226,8 @@ def _save(s: TrainState, name: str, epoch: int, partial: EpochState | None = Non
         return
     save_checkpoint(
         s.run_dir / "checkpoints" / name, model=s.model.state_dict(), optimizer=s.optimizer.state_dict(),
-        scheduler=s.scheduler.state_dict(),
+        # the schedule's position only: the schedule itself is rebuilt from the config on resume
+        scheduler={k: v for k, v in s.scheduler.state_dict().items() if k != "lr_lambdas"},
         scaler=None,  # bf16 autocast needs no loss scaling; the slot keeps the format ready for fp16
         epoch=epoch, step=epoch * len(s.batches) + (partial.step if partial else 0), rng=rng_state(s.generator),
         config=s.run.to_dict(), val_acc=val_acc, best_val_acc=s.best_acc, best_epoch=s.best_epoch,
