@@ -13,7 +13,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from cnnlab import distributed
-from cnnlab.checkpoint import load_checkpoint
 from cnnlab.checks import ConfigError
 from cnnlab.config import config_dir, validate
 from cnnlab.interrupt import Interrupted
@@ -43,7 +42,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         if cfg.trainer.get("resume"):  # the checkpoint's config, changed only where this command line says
             point = resume_point(cfg.trainer.resume)
-            cfg = resumed_config(cfg, load_checkpoint(point.checkpoint, mmap=True)["config"], overrides)
+            cfg = resumed_config(cfg, point.saved_config(), overrides)
             run_dir = point.run_dir
         run = validate(cfg)
         distributed.setup(world, run.trainer.device, multirun)

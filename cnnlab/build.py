@@ -7,6 +7,7 @@ get the values built here, not the config.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -18,10 +19,14 @@ from cnnlab import viz
 from cnnlab.checks import ConfigError
 from cnnlab.config import RunConfig, TrainerConfig
 from cnnlab.data import DatasetSpec, Pipeline, build_pipeline, spec_for
+from cnnlab.distributed import World
 from cnnlab.doctor import Settings
 from cnnlab.engine import StepContext
 from cnnlab.losses import LossConfig, build_loss, chance_loss
 from cnnlab.models import build_model
+from cnnlab.models.card import ModelCard, human, model_card
+
+log = logging.getLogger("cnnlab")
 
 
 def select_device(name: str) -> torch.device:
@@ -109,3 +114,26 @@ def doctor_settings(run: RunConfig, num_classes: int) -> Settings:
         epochs=run.trainer.epochs,
         grad_clip=run.trainer.grad_clip,
     )
+
+
+def model_card_logged(run: RunConfig, prep: Prepared) -> ModelCard:
+    """The model card, with its headline numbers on the console."""
+    card = model_card(prep.model, run.model.name, prep.pipeline.output_shape, prep.spec.num_classes)
+    log.info("model %s: %s parameters (%.2f MB), %s MACs per image, input %s, device %s",
+             run.model.name, f"{card.params_total:,}", card.model_size_mb, human(card.macs_per_image),
+             "x".join(map(str, card.input_shape)), prep.device)
+    if card.reference_line:
+        log.info("reference: %s", card.reference_line)
+    return card
+
+
+def step_model(model: torch.nn.Module, compile: bool, mode: str, world: World) -> torch.nn.Module:
+    """The module training steps run. It shares its weights with `model`, which evaluation, the doctor
+    and checkpoints use. Training batches all have one shape (drop_last) and the compiled module only
+    ever runs in train mode, so nothing recompiles."""
+    wrapped = model
+    if world.distributed:
+        device = next(model.parameters()).device
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(wrapped, mode=mode) if compile else wrapped

@@ -36,7 +36,7 @@ class SweepStatus(Callback):
             print(f"  {run.status:<11} {run.name}  {detail}")
         if runs:
             write_sweep_report(sweep_dir, config)
-        failed = [run.name for run in runs if run.status in ("failed", "unreadable")]
+        failed = [run.name for run in runs if run.status in ("failed", "killed", "unreadable")]
         if failed:
             print(f"{len(failed)} of {len(runs)} jobs failed: {', '.join(failed)}", file=sys.stderr)
             sys.exit(1)

@@ -40,6 +40,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def remove_partial_writes(folder: Path) -> list[Path]:
+    """Delete the temporary files atomic writes in `folder` left when their process was killed
+    mid-write (a checkpoint's can be as large as the checkpoint). Only for a folder this process owns."""
+    removed = sorted(Path(folder).glob(".*.tmp"))
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

@@ -12,9 +12,12 @@ doctor looked and found nothing).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
@@ -25,6 +28,7 @@ import torch
 
 import cnnlab
 from cnnlab.checkpoint import write_json
+from cnnlab.checks import ConfigError
 
 
 class Status(str, Enum):
@@ -36,6 +40,9 @@ class Status(str, Enum):
     STUCK = "stuck"  # trainer.stop_when_stuck ended it; still scored
     INTERRUPTED = "interrupted"  # a signal stopped it at a step boundary, checkpointed: resumable
     FAILED = "failed"
+    # never written: what readers call a record that says running when no process holds its run
+    # directory any more (SIGKILL, OOM kill, power loss); trainer.resume finishes it
+    KILLED = "killed"
 
     def __str__(self) -> str:
         return self.value
@@ -57,6 +64,7 @@ class Summary:
     cnnlab_version: str | None = None
     torch_version: str | None = None
     host: str | None = None
+    pid: int | None = None  # the process that trains it (the latest one, after a resume)
     trackers: dict[str, Any] = field(default_factory=dict)  # where each experiment tracker mirrors the run
     resumes: list[dict[str, Any]] = field(default_factory=list)  # one entry per trainer.resume
     # what was built
@@ -136,11 +144,69 @@ class Summary:
 
 
 def read_summary(run_dir: Path) -> Summary:
-    """A run directory's summary.json; OSError or ValueError when it is missing or unreadable."""
+    """A run directory's summary.json; OSError or ValueError when it is missing or unreadable.
+
+    A record that says running while no process holds the run directory reads as killed."""
     data = json.loads((Path(run_dir) / "summary.json").read_text())
     if not isinstance(data, dict):
         raise ValueError("summary.json does not hold an object")
-    return Summary.from_dict(data)
+    summary = Summary.from_dict(data)
+    if summary.status == Status.RUNNING and not is_live(run_dir):
+        summary.status = Status.KILLED
+    return summary
+
+
+LOCK_FILE = ".cnnlab.lock"  # in the run directory: held by the process training it
+
+
+@contextlib.contextmanager
+def claim(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory for this process: a second process (a new run or a resume) is refused.
+
+    An advisory lock (flock) on a file in the directory: the kernel releases it when the process
+    ends, however it ends, so a killed run never leaves a stale lock. POSIX only; elsewhere no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(run_dir) / LOCK_FILE
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ConfigError(f"run directory {run_dir} is in use by {holder}; wait for it to end, or start this "
+                              f"run elsewhere (hydra.run.dir=<new dir>)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"cnnlab pid {os.getpid()} on {platform.node()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def is_live(run_dir: Path) -> bool:
+    """Whether a process holds the run directory now (see `claim`); True where that cannot be known."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    if not path.is_file():
+        return False
+    try:
+        with open(path) as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:  # unreadable: do not call a run killed on a guess
+        return True
 
 
 class RunRecord:
@@ -184,22 +250,34 @@ class RunRecord:
         """A new run starts: status running, what it is, where it runs."""
         s = self.summary
         s.status, s.model, s.dataset, s.config = Status.RUNNING, model, dataset, config
-        s.started_at, s.cnnlab_version, s.torch_version, s.host = now(), cnnlab.__version__, torch.__version__, platform.node()
+        s.started_at, s.cnnlab_version, s.torch_version = now(), cnnlab.__version__, torch.__version__
+        s.host, s.pid = platform.node(), os.getpid()
         self.live = True
         self._write()
 
-    def resumed(self, checkpoint: Path, epoch: int, step: int, epochs: int, overrides: list[str],
+    def resumed(self, checkpoint: Path | None, epoch: int, step: int, epochs: int, overrides: list[str],
                 config: dict[str, Any]) -> None:
         """The checkpoint is restored and training goes on: the previous ending is cleared."""
         s = self.summary
-        s.resumes.append({"at": now(), "checkpoint": str(checkpoint), "epoch": epoch, "step": step,
+        s.resumes.append({"at": now(), "checkpoint": str(checkpoint) if checkpoint else None, "epoch": epoch, "step": step,
                           "epochs": epochs, "overrides": list(overrides)})
-        s.status, s.config = Status.RUNNING, config
+        s.status, s.config, s.host, s.pid = Status.RUNNING, config, platform.node(), os.getpid()
         s.error = s.interrupted_at = s.resume_command = s.diagnosis = s.finished_at = None
         s.diverged_epoch = s.diverged_step = s.hints = s.stopped_at_epoch = None
         s.test_loss = s.test_acc = s.test_checkpoint = s.feature_maps = None
         self.live = True
         self._write()
+
+    def restored(self, epoch: int, train_seconds: float, best_epoch: int, best_val_acc: float | None,
+                 row: dict[str, Any] | None) -> None:
+        """The progress as of the checkpoint a resume starts from (the file may lag it by an epoch);
+        `row`: that epoch's metrics.csv row."""
+        if not epoch:
+            return
+        row = row or {}
+        self.summary.best_epoch, self.summary.best_val_acc = best_epoch, best_val_acc
+        self.epoch_done(epoch, train_seconds, row.get("train_loss"), row.get("train_acc"), row.get("val_loss"),
+                        row.get("val_acc"))
 
     def built(self, **fields: Any) -> None:
         """What was built: device, sizes, the model card's numbers, precision, loader."""

@@ -6,6 +6,7 @@ It writes into the original run directory, so metrics.csv stays one continuous l
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.checkpoint import atomic_write_text, load_checkpoint, restore_rng
 from cnnlab.checks import ConfigError
+from cnnlab.record import read_summary
 
 RESUME_KEY = "trainer.resume"
 # keys a resumed run may change: they do not alter what was trained so far
@@ -31,22 +33,47 @@ CHANGEABLE = (
 @dataclass
 class ResumePoint:
     run_dir: Path
-    checkpoint: Path
+    checkpoint: Path | None  # None: the run was stopped before its first checkpoint; it starts over, in place
+    config: dict[str, Any] | None = None  # the run's config, from its record, when there is no checkpoint
+
+    def saved_config(self) -> dict[str, Any]:
+        """The config the run was trained with: the checkpoint's, else its record's."""
+        if self.checkpoint is None:
+            return self.config
+        config = load_checkpoint(self.checkpoint, mmap=True).get("config")
+        if not isinstance(config, dict):
+            raise ConfigError(f"{self.checkpoint} holds no run config, so it cannot be resumed (was it written by "
+                              f"another program?); start a new run")
+        return config
 
 
 def resume_point(path: str | Path) -> ResumePoint:
-    """A run directory (its checkpoints/last.pt) or a checkpoint file inside one."""
+    """A run directory (its checkpoints/last.pt) or a checkpoint file inside one. A run directory
+    without a checkpoint (stopped during its first epoch) resumes from the start, with the config
+    its record holds."""
     path = Path(path).expanduser()
     if path.is_dir():
         checkpoint = path / "checkpoints" / "last.pt"
-        if not checkpoint.is_file():
-            raise ConfigError(f"{RESUME_KEY}={path}: no checkpoints/last.pt in that directory; give a cnnlab run "
-                              "directory (outputs/runs/...) or a checkpoint file (.../checkpoints/last.pt or best.pt)")
-        return ResumePoint(path.resolve(), checkpoint.resolve())
+        if checkpoint.is_file():
+            return ResumePoint(path.resolve(), checkpoint.resolve())
+        config = _recorded_config(path)
+        if config is None:
+            raise ConfigError(f"{RESUME_KEY}={path}: no checkpoints/last.pt in that directory, and no run record "
+                              "(summary.json with its config) to start the run over from; give a cnnlab run directory "
+                              "(outputs/runs/...) or a checkpoint file (.../checkpoints/last.pt or best.pt)")
+        return ResumePoint(path.resolve(), None, config)
     if path.is_file():
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         return ResumePoint(run_dir.resolve(), path.resolve())
     raise ConfigError(f"{RESUME_KEY}={path} does not exist; give a cnnlab run directory or a checkpoint file")
+
+
+def _recorded_config(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        config = read_summary(run_dir).config
+    except (OSError, ValueError, TypeError):
+        return None
+    return config if isinstance(config, dict) and config else None
 
 
 def resume_argv(argv: list[str]) -> list[str]:
@@ -91,20 +118,35 @@ def resumed_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str])
     return resumed
 
 
-def check_epochs(epochs: int, done: int, checkpoint: Path) -> None:
-    if epochs <= done and done:
+def check_epochs(epochs: int, done: int, checkpoint: Path | None, finished: bool) -> None:
+    """A finished run resumes only to be extended. One whose epochs are all done but which never got
+    its test score (stopped in between) is finished: scored and plotted, with no extra epoch."""
+    if finished and epochs <= done and done:
         raise ConfigError(f"{checkpoint} has finished {done} epoch(s) and trainer.epochs={epochs}: nothing to do. "
                           f"Set trainer.epochs above {done} to extend the run")
+    if epochs < done:
+        raise ConfigError(f"{checkpoint} has trained {done} epoch(s), more than trainer.epochs={epochs}; resume with "
+                          f"trainer.epochs={done} to finish it, or more to extend it")
 
 
-def trim_metrics(run_dir: Path, epoch: int) -> None:
-    """Drop metrics.csv rows after the checkpoint's epoch (written before a crash, never checkpointed)."""
+def trim_metrics(run_dir: Path, epoch: int) -> dict[str, Any] | None:
+    """metrics.csv as of the checkpoint's epoch: rows written after it (before a crash, never
+    checkpointed) go, and so does a row torn by a kill in the middle of writing it. Returns the
+    checkpoint epoch's row (None without one)."""
     path = run_dir / "metrics.csv"
     if not path.is_file():
-        return
-    metrics = pd.read_csv(path)
-    if (metrics["epoch"] > epoch).any():
-        atomic_write_text(path, metrics[metrics["epoch"] <= epoch].to_csv(index=False))
+        return None
+    text = path.read_text()
+    whole = text[: text.rfind("\n") + 1]  # rows are appended whole and flushed: only the last can be torn
+    if not whole:
+        path.unlink()
+        return None
+    metrics = pd.read_csv(io.StringIO(whole))
+    kept = metrics[metrics["epoch"] <= epoch]
+    if len(kept) != len(metrics) or whole != text:
+        atomic_write_text(path, kept.to_csv(index=False))
+    rows = kept[kept["epoch"] == epoch]
+    return {k: (None if pd.isna(v) else v) for k, v in rows.iloc[-1].items()} if len(rows) else None
 
 
 def restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

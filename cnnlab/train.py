@@ -11,6 +11,7 @@ only through the RunRecord (record.py). Under torchrun every rank trains and onl
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -24,8 +25,10 @@ import torch
 from tqdm import tqdm
 
 from cnnlab import distributed, doctor, report, viz
-from cnnlab.build import Prepared, configure_determinism, doctor_settings, prepare, step_context
-from cnnlab.checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint
+from cnnlab.build import (
+    Prepared, configure_determinism, doctor_settings, model_card_logged, prepare, step_context, step_model,
+)
+from cnnlab.checkpoint import atomic_write_text, load_checkpoint, remove_partial_writes, rng_state, save_checkpoint
 from cnnlab.checks import ConfigError
 from cnnlab.config import RunConfig
 from cnnlab.data import DatasetSpec, Split, load_dataset
@@ -33,9 +36,9 @@ from cnnlab.data.batches import Batches, RunData, StreamingBatches, head, place_
 from cnnlab.distributed import World, world_from_env
 from cnnlab.engine import EpochState, Evaluation, StepContext, evaluate, run_steps
 from cnnlab.interrupt import GracefulStop, Interrupted
-from cnnlab.models.card import ModelCard, human, model_card
+from cnnlab.models.card import ModelCard
 from cnnlab.optim import build_optimizer, build_scheduler
-from cnnlab.record import RunRecord, Summary
+from cnnlab.record import RunRecord, Summary, claim
 from cnnlab.resume import check_epochs, restore, resume_point, trim_metrics
 from cnnlab.trackers import Trackers, open_trackers
 
@@ -97,6 +100,11 @@ def fit(run: RunConfig, run_dir: Path, overrides: list[str] | None = None, recor
     if record is None:
         opener = RunRecord.for_resume if run.trainer.resume else RunRecord.new
         record = opener(run_dir, overrides, writes=world.is_main)
+    with claim(run_dir) if world.is_main else contextlib.nullcontext():  # one live process per run dir
+        return _fit(run, run_dir, overrides, record, world)
+
+
+def _fit(run: RunConfig, run_dir: Path, overrides: list[str], record: RunRecord, world: World) -> Summary:
     if not run.trainer.resume:
         record.begin(run.model.name, run.dataset.name, run.to_dict())
     trackers = Trackers()
@@ -134,7 +142,7 @@ def _setup(run: RunConfig, run_dir: Path, record: RunRecord, trackers: Trackers,
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     prep = prepare(run)
-    card = _card(run, prep)
+    card = model_card_logged(run, prep)
     if t.batch_size % world.size:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is the global batch and must divide evenly over the "
                           f"{world.size} processes of this torchrun; use a multiple of {world.size}")
@@ -157,33 +165,11 @@ def _setup(run: RunConfig, run_dir: Path, record: RunRecord, trackers: Trackers,
     optimizer = build_optimizer(run.optimizer, model.parameters())
     return TrainState(
         run, run_dir, record, trackers, stop, world, prep, card, spec, data, ctx, batches,
-        step_model=_step_model(model, t.compile, t.compile_mode, world), optimizer=optimizer,
+        step_model=step_model(model, t.compile, t.compile_mode, world), optimizer=optimizer,
         scheduler=build_scheduler(run.scheduler, optimizer, len(batches), t.epochs), generator=generator,
         probe=head(data.train, t.batch_size, device),
         doctor=doctor_settings(run, spec.num_classes),
     )
-
-
-def _card(run: RunConfig, prep: Prepared) -> ModelCard:
-    card = model_card(prep.model, run.model.name, prep.pipeline.output_shape, prep.spec.num_classes)
-    log.info("model %s: %s parameters (%.2f MB), %s MACs per image, input %s, device %s",
-             run.model.name, f"{card.params_total:,}", card.model_size_mb, human(card.macs_per_image),
-             "x".join(map(str, card.input_shape)), prep.device)
-    if card.reference_line:
-        log.info("reference: %s", card.reference_line)
-    return card
-
-
-def _step_model(model: torch.nn.Module, compile: bool, mode: str, world: World) -> torch.nn.Module:
-    """The module training steps run. It shares its weights with `model`, which evaluation, the doctor
-    and checkpoints use. Training batches all have one shape (drop_last) and the compiled module only
-    ever runs in train mode, so nothing recompiles."""
-    step_model = model
-    if world.distributed:
-        device = next(model.parameters()).device
-        step_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(step_model, mode=mode) if compile else step_model
 
 
 def _record_built(s: TrainState) -> None:
@@ -199,24 +185,33 @@ def _record_built(s: TrainState) -> None:
 
 
 def _resume(s: TrainState, overrides: list[str]) -> None:
-    """Continue from the checkpoint: weights, optimizer, schedule position, RNGs, counters."""
+    """Continue from the checkpoint: weights, optimizer, schedule position, RNGs, counters. A run
+    stopped before its first checkpoint starts over in place; one stopped after its last epoch but
+    before its test score is only finished."""
     t = s.run.trainer
     point = resume_point(t.resume)
-    ckpt = restore(point.checkpoint, s.model, s.optimizer, s.scheduler, s.generator, s.run.model.name, t.epochs,
-                   s.device)
+    if s.world.is_main:  # this process holds the directory: a killed one's half-written files go
+        for folder in (s.run_dir, s.run_dir / "checkpoints"):
+            for path in remove_partial_writes(folder):
+                log.info("removed %s, a file a killed process was writing", path)
+    ckpt = {"epoch": 0, "step": 0}
+    if point.checkpoint is not None:
+        ckpt = restore(point.checkpoint, s.model, s.optimizer, s.scheduler, s.generator, s.run.model.name,
+                       t.epochs, s.device)
+        s.best_acc, s.best_epoch = ckpt.get("best_val_acc", -1.0), ckpt.get("best_epoch", ckpt["epoch"])
+        s.train_seconds = ckpt.get("train_seconds", 0.0)
     s.done = ckpt["epoch"]
     if ckpt.get("partial") is None:
-        check_epochs(t.epochs, s.done, point.checkpoint)
-    s.best_acc, s.best_epoch = ckpt.get("best_val_acc", -1.0), ckpt.get("best_epoch", s.done)
-    s.train_seconds = ckpt.get("train_seconds", 0.0)
+        check_epochs(t.epochs, s.done, point.checkpoint, s.record.summary.finished)
     s.partial = EpochState.from_state_dict(ckpt["partial"], s.device) if ckpt.get("partial") else None
     if s.partial and not s.world.is_main:
         s.partial.forget_sums()
-    if s.world.is_main:
-        trim_metrics(s.run_dir, s.done)
+    row = trim_metrics(s.run_dir, s.done) if s.world.is_main else None
     s.record.resumed(point.checkpoint, s.done, ckpt["step"], t.epochs, overrides, s.run.to_dict())
-    log.info("resumed %s at epoch %d%s, step %d; training to epoch %d", point.checkpoint, s.done,
-             f" + {s.partial.step} batches" if s.partial else "", ckpt["step"], t.epochs)
+    s.record.restored(s.done, s.train_seconds, s.best_epoch, s.best_acc if s.data.val else None, row)
+    what = "finishing it (test score, plots)" if s.done >= t.epochs and not s.partial else f"training to epoch {t.epochs}"
+    log.info("resumed %s at epoch %d%s, step %d; %s", point.checkpoint or f"{s.run_dir} from the start", s.done,
+             f" + {s.partial.step} batches" if s.partial else "", ckpt["step"], what)
 
 
 def _save(s: TrainState, name: str, epoch: int, partial: EpochState | None = None,
@@ -286,9 +281,11 @@ def _end_epoch(s: TrainState, epoch: int, state: EpochState) -> bool:
     score = val.acc if val else float(epoch)  # without a validation split the last epoch stands in for the best
     if score > s.best_acc:
         s.best_acc, s.best_epoch = score, epoch
-    _save(s, "last.pt", epoch, val_acc=val.acc if val else None)
+    # best.pt before last.pt: a kill between the two resumes from the previous last.pt and redoes this
+    # epoch, so whatever last.pt names as the best epoch is always in best.pt
     if s.best_epoch == epoch:
         _save(s, "best.pt", epoch, val_acc=val.acc if val else None)
+    _save(s, "last.pt", epoch, val_acc=val.acc if val else None)
     s.record.best(s.best_epoch, s.best_acc if val else None)
     s.record.epoch_done(epoch, s.train_seconds, train_loss, train_acc, val.loss if val else None,
                         val.acc if val else None)
@@ -355,7 +352,7 @@ def _finish(s: TrainState) -> None:
     t, feature_maps = s.run.trainer, None
     if s.best_epoch:
         distributed.barrier()  # rank 0 has written best.pt
-        s.model.load_state_dict(load_checkpoint(s.run_dir / "checkpoints" / "best.pt", map_location=s.device)["model"])
+        s.model.load_state_dict(_best_weights(s))
         result = evaluate(s.model, s.data.test, s.ctx, t.eval_batch_size, s.spec.num_classes, s.data.workers)
         s.record.tested(result.loss, result.acc, "best" if s.data.val else "last")
         log.info("test (epoch %d weights): loss %.4f  accuracy %.2f%%", s.best_epoch, result.loss, 100 * result.acc)
@@ -368,3 +365,16 @@ def _finish(s: TrainState) -> None:
     if s.world.is_main:
         report.plot_curves(s.run_dir, title=f"{s.run.model.name} on {s.spec.name}")
     s.record.finished(feature_maps)
+
+
+def _best_weights(s: TrainState) -> dict[str, torch.Tensor]:
+    """The weights of the best epoch: best.pt, or last.pt when that is the same epoch (a run of an
+    older version killed between the two saves)."""
+    for name in ("best.pt", "last.pt"):
+        path = s.run_dir / "checkpoints" / name
+        if path.is_file():
+            ckpt = load_checkpoint(path, map_location=s.device)
+            if ckpt["epoch"] == s.best_epoch:
+                return ckpt["model"]
+    raise ConfigError(f"{s.run_dir / 'checkpoints'} holds no checkpoint of the best epoch ({s.best_epoch}), which "
+                      f"the test score needs; resume from an earlier checkpoint or start the run again")

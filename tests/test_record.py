@@ -15,7 +15,8 @@ from cnnlab.checks import ConfigError
 from cnnlab.data import DatasetConfig, DatasetSpec, FileSplit, Loaded, Split, load_dataset, register_dataset, spec_for
 from cnnlab.data import registry
 from cnnlab.data.batches import Batches, StreamingBatches
-from cnnlab.record import RunRecord, Status, Summary, read_summary
+from cnnlab.record import RunRecord, Status, Summary, claim, is_live, read_summary
+from cnnlab.report.sweep import load_runs
 
 
 def read(run_dir: Path) -> dict:
@@ -70,6 +71,21 @@ def test_a_resume_clears_the_previous_ending(tmp_path: Path) -> None:
     resumed = read(tmp_path)
     assert resumed["status"] == "running" and "interrupted_at" not in resumed and "resume_command" not in resumed
     assert resumed["resumes"][0]["epoch"] == 1 and resumed["epochs_completed"] == 1
+
+
+def test_a_record_left_running_by_a_dead_process_reads_as_killed(tmp_path: Path) -> None:
+    record = RunRecord.new(tmp_path, [])
+    with claim(tmp_path):
+        record.begin("lenet", "synthetic", {})
+        assert is_live(tmp_path) and read_summary(tmp_path).status == Status.RUNNING
+        with pytest.raises(ConfigError, match=f"run directory {tmp_path} is in use by cnnlab pid {os.getpid()}"):
+            with claim(tmp_path):  # a second process (here: a second open file) is refused
+                pass
+    assert not is_live(tmp_path)
+    assert read_summary(tmp_path).status == Status.KILLED == "killed"  # the file still says running
+    assert read(tmp_path)["status"] == "running"
+    (run,) = load_runs([tmp_path])
+    assert run.status == "killed"  # and so does the sweep report
 
 
 def test_summary_reads_files_of_other_versions() -> None:

@@ -20,8 +20,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cnnlab.report.sweep import Run, format_value, overfitting, run_label, short_names  # noqa: E402
 
-STATUS_COLORS = {"completed": "tab:blue", "diverged": "tab:orange", "failed": "tab:red", "interrupted": "tab:purple",
-                 "stuck": "tab:brown"}
+STATUS_COLORS = {"completed": "tab:blue", "diverged": "tab:orange", "failed": "tab:red", "killed": "tab:red",
+                 "interrupted": "tab:purple", "stuck": "tab:brown"}
 MAX_CONFUSION_PANELS = 48  # beyond this the panels are too small to read; the best-ranked are shown
 
 
