@@ -20,6 +20,7 @@ from cnnlab.launch import job_placement, missing_launcher_message
 from cnnlab.record import RunRecord
 from cnnlab.report import console_table
 from cnnlab.resume import resume_argv, resume_point, resumed_config
+from cnnlab.rundir import release
 from cnnlab.train import fit
 
 log = logging.getLogger("cnnlab")
@@ -56,8 +57,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
                     distributed.command_prefix(world), run_dir.resolve())
         sys.exit(err.exit_code)
     except Exception as err:
-        # fit() has recorded its own failure; one before it is recorded unless the directory holds a run
-        (record or RunRecord.new(run_dir, overrides, writes=world.is_main)).failed(err)
+        if not multirun and (record is None or not record.live) and world.is_main:
+            release(run_dir)  # refused before the run began: no directory is left behind
+        else:  # fit() has recorded its own failure; a sweep job's earlier one is recorded for the report
+            (record or RunRecord.new(run_dir, overrides, writes=world.is_main)).failed(err)
         if isinstance(err, ConfigError):
             # bad input: one clear message; the traceback only when debugging (Hydra's own switch)
             log.error("%s", err, exc_info=os.environ.get("HYDRA_FULL_ERROR") == "1")

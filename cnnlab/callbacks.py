@@ -10,6 +10,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.checks import ConfigError, unwritable_reason
+from cnnlab.rundir import holds_a_run, note_new
 
 
 class SweepStatus(Callback):
@@ -75,6 +76,14 @@ class OutputDirCheck(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config, "hydra.run.dir")
+        run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
+        note_new(run_dir)  # a run refused before it begins removes what it made, and only that
+        if not OmegaConf.select(config, "trainer.resume", default=None) and holds_a_run(run_dir):
+            # before Hydra writes its config and log there: the run in it stays as it was
+            print(f"hydra.run.dir={run_dir} already holds a run; a new run never writes into it. Continue that run "
+                  f"with trainer.resume={run_dir}, or give the new one its own directory (leave hydra.run.dir out "
+                  f"for a fresh one under outputs/runs/).", file=sys.stderr)
+            sys.exit(2)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config, "hydra.sweep.dir")

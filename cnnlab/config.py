@@ -22,7 +22,10 @@ from cnnlab.data import DatasetConfig
 from cnnlab.data import schema_for as dataset_schema
 from cnnlab.data.augment import AugmentationConfig
 from cnnlab.report.sweep import ReportConfig
+from cnnlab.rundir import register_resolvers
 from cnnlab.trackers import LoggerConfig
+
+register_resolvers()  # conf/config.yaml's hydra.run.dir uses cnnlab.unique_dir
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 

@@ -177,8 +177,9 @@ def claim(run_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise ConfigError(f"run directory {run_dir} is in use by {holder}; wait for it to end, or start this "
-                              f"run elsewhere (hydra.run.dir=<new dir>)") from None
+            raise ConfigError(f"run directory {run_dir} is in use by {holder}, which is training in it; two "
+                              f"processes never share a run directory. Wait for that one to end (or stop it), "
+                              f"then try again") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"cnnlab pid {os.getpid()} on {platform.node()}\n")

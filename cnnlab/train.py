@@ -105,6 +105,10 @@ def fit(run: RunConfig, run_dir: Path, overrides: list[str] | None = None, recor
 
 
 def _fit(run: RunConfig, run_dir: Path, overrides: list[str], record: RunRecord, world: World) -> Summary:
+    configure_determinism(run.trainer.deterministic)
+    if run.trainer.num_threads:
+        torch.set_num_threads(run.trainer.num_threads)
+    prep = prepare(run)  # the config-time checks that need the dataset's shape, before the run begins
     if not run.trainer.resume:
         record.begin(run.model.name, run.dataset.name, run.to_dict())
     trackers = Trackers()
@@ -113,7 +117,7 @@ def _fit(run: RunConfig, run_dir: Path, overrides: list[str], record: RunRecord,
             trackers = open_trackers(run.logger, run.to_dict(), run_dir, record.summary, bool(run.trainer.resume))
         # signals are caught from the start, so one that comes during set-up also stops cleanly at the first step
         with GracefulStop() as stop:
-            state = _setup(run, run_dir, record, trackers, stop, world)
+            state = _setup(run, prep, run_dir, record, trackers, stop, world)
             if run.trainer.resume:
                 _resume(state, overrides)
             _record_built(state)
@@ -135,13 +139,9 @@ def _fit(run: RunConfig, run_dir: Path, overrides: list[str], record: RunRecord,
 # ------------------------------------------------------------------------------- setup
 
 
-def _setup(run: RunConfig, run_dir: Path, record: RunRecord, trackers: Trackers, stop: GracefulStop,
-           world: World) -> TrainState:
+def _setup(run: RunConfig, prep: Prepared, run_dir: Path, record: RunRecord, trackers: Trackers,
+           stop: GracefulStop, world: World) -> TrainState:
     t = run.trainer
-    configure_determinism(t.deterministic)
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    prep = prepare(run)
     card = model_card_logged(run, prep)
     if t.batch_size % world.size:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is the global batch and must divide evenly over the "

@@ -120,8 +120,7 @@ def test_cli_bad_value_is_one_clear_message_without_traceback(tmp_path):
     output = result.stdout + result.stderr
     assert "optimizer.lr" in output and "> 0" in output
     assert "Traceback" not in output
-    summary = (tmp_path / "run" / "summary.json").read_text()
-    assert '"failed"' in summary and "optimizer.lr" in summary
+    assert not (tmp_path / "run").exists()  # a config refused before training leaves no run directory
 
 
 def test_cli_bad_value_shows_the_traceback_when_debugging(tmp_path):
