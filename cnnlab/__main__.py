@@ -5,6 +5,8 @@ import importlib
 import logging
 import os
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -13,10 +15,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from cnnlab import distributed
+from cnnlab.build import prepare
 from cnnlab.checks import ConfigError
 from cnnlab.config import config_dir, validate
 from cnnlab.interrupt import Interrupted
 from cnnlab.launch import job_placement, missing_launcher_message
+from cnnlab.precheck import check_command_line
 from cnnlab.record import RunRecord
 from cnnlab.report import console_table
 from cnnlab.resume import resume_argv, resume_point, resumed_config
@@ -87,6 +91,22 @@ SUBCOMMANDS = {
 }
 
 
+def _job_check(argv: list[str]) -> Callable[[DictConfig], None]:
+    """What checking a job means before Hydra starts: its overrides compose (a resume: only that, its
+    config comes from the checkpoint), it validates, and in a sweep its model and pipeline build
+    (a single run builds them in fit, before it begins)."""
+    resume = any(a.startswith("trainer.resume=") for a in argv)
+    sweep = "-m" in argv or "--multirun" in argv
+
+    def check(cfg: DictConfig) -> None:
+        if not resume:
+            run = validate(cfg)
+            if sweep:
+                prepare(run)
+
+    return check
+
+
 def main() -> None:
     """`cnnlab [overrides]` trains; `cnnlab models ...` lists the model zoo; `cnnlab report DIR` compares runs;
     `cnnlab evaluate run=DIR` scores a checkpoint on a test set; `cnnlab predict run=DIR images=...` classifies images."""
@@ -97,8 +117,12 @@ def main() -> None:
         print(message, file=sys.stderr)
         sys.exit(2)
     try:
-        sys.argv[1:] = distributed.rank_argv(resume_argv(sys.argv[1:]), distributed.world_from_env())
+        argv = resume_argv(sys.argv[1:])
+        check_command_line(argv, _job_check(argv))  # every job composed and checked before anything runs
+        sys.argv[1:] = distributed.rank_argv(argv, distributed.world_from_env())
     except ConfigError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's switch for the traceback, when debugging
+            traceback.print_exc()
         print(err, file=sys.stderr)
         sys.exit(2)
     _hydra_main()

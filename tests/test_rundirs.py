@@ -70,7 +70,8 @@ def test_a_live_run_directory_is_not_shared_not_even_by_a_resume(tmp_path: Path)
 
 def test_a_config_refused_before_training_leaves_no_run_directory(tmp_path: Path) -> None:
     for bad in (("optimizer.lr=-1",),  # refused by validation
-                ("model=alexnet_original",)):  # refused when the model is built for the dataset's 16x16 images
+                ("model=alexnet_original",),  # refused when the model is built for the dataset's 16x16 images
+                ("model=lenett",)):  # refused when the command line is composed, before Hydra starts
         done = run_cnnlab("+debug=smoke", *bad, cwd=tmp_path)
         assert done.returncode == 2, (bad, done.stdout[-500:], done.stderr[-1500:])
         runs = tmp_path / "outputs" / "runs"
