@@ -106,18 +106,23 @@ def _jobs(base: DictConfig, overrides: list[str]) -> list[list[str]] | None:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
+def varying_keys(jobs: list[list[str]]) -> list[str]:
+    """The keys (or config groups) the jobs of a sweep set to more than one value, in command-line order."""
+    parser = OverridesParser.create()
+    values: dict[str, set[str]] = {}
+    for job in jobs:
+        for text in job:
+            override = parser.parse_override(text)
+            values.setdefault(override.key_or_group, set()).add(str(override.value()))
+    return [key for key, seen in values.items() if len(seen) > 1]
+
+
 def _check_facets(base: DictConfig, jobs: list[list[str]]) -> None:
     """report.facet names keys that vary across the sweep (as the report will need them)."""
     facets = list(OmegaConf.select(base, "report.facet", default=[]) or [])
     if not facets:
         return
-    parser = OverridesParser.create()
-    varying: dict[str, set[str]] = {}
-    for job in jobs:
-        for text in job:
-            override = parser.parse_override(text)
-            varying.setdefault(override.key_or_group, set()).add(str(override.value()))
-    keys = [k for k, values in varying.items() if len(values) > 1]
+    keys = varying_keys(jobs)
     names = set(keys) | {k.rsplit(".", 1)[-1] for k in keys} | {k.removesuffix(".name") for k in keys}
     unknown = [f for f in facets if f not in names]
     if unknown:

@@ -7,6 +7,7 @@ It writes into the original run directory, so metrics.csv stays one continuous l
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,10 +87,21 @@ def resume_argv(argv: list[str]) -> list[str]:
     if not given or given[-1] in ("", "null"):
         return argv
     if "-m" in argv or "--multirun" in argv:
-        raise ConfigError(f"{RESUME_KEY} continues one run; drop -m (resume each run of a sweep on its own)")
+        raise ConfigError(f"{RESUME_KEY} continues one run; drop -m (to go on with a sweep, run its command "
+                          f"again with its hydra.sweep.dir)")
     point = resume_point(given[-1])
-    extra = [f"hydra.run.dir={point.run_dir}", "hydra.output_subdir=null"]
+    # the path goes to Hydra quoted, so any path works, = and , included (Hydra would read a sweep)
+    quoted = f"{RESUME_KEY}={hydra_quote(given[-1])}"
+    argv = [quoted if a.lstrip("+").startswith(f"{RESUME_KEY}=") else a for a in argv]
+    extra = [f"hydra.run.dir={hydra_quote(str(point.run_dir))}", "hydra.output_subdir=null"]
     return argv + [e for e in extra if not any(a.startswith(e.split("=")[0] + "=") for a in argv)]
+
+
+def hydra_quote(text: str) -> str:
+    """`text` as one quoted value of Hydra's override grammar: only quotes, and backslashes before a
+    quote or at the end, are escaped there."""
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + "'"
 
 
 def resumed_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> DictConfig:

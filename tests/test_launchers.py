@@ -218,8 +218,8 @@ def test_jobs_run_side_by_side_give_the_results_they_give_alone(tmp_path):
         done = run_cnnlab("-m", *grid, *launcher, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
         assert done.returncode == 0, done.stdout + done.stderr
     for lr in ("0.1", "0.02"):
-        (a,) = together.glob(f"*optimizer.lr={lr}*")
-        (b,) = alone.glob(f"*optimizer.lr={lr}*")
+        (a,) = together.glob(f"*_lr-{lr}")
+        (b,) = alone.glob(f"*_lr-{lr}")
         assert completed_summary(a)["test_acc"] == completed_summary(b)["test_acc"]
         strip = lambda text: [line.split(",")[:6] for line in text.splitlines()]  # noqa: E731 - timings aside
         assert strip((a / "metrics.csv").read_text()) == strip((b / "metrics.csv").read_text())

@@ -209,7 +209,7 @@ def test_sweep_gives_one_tracker_run_per_job(workdir: Path) -> None:
                     f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     job_dirs = sorted(p.parent for p in sweep_dir.glob("*/summary.json"))
-    assert [p.name for p in job_dirs] == ["0_+debug=smoke,optimizer.lr=0.05", "1_+debug=smoke,optimizer.lr=0.01"]
+    assert [p.name for p in job_dirs] == ["0_lr-0.05", "1_lr-0.01"]  # job number and the value that varies
 
     runs = mlflow_runs(workdir, "sweep")
     assert [r.info.run_name for r in runs] == [p.name for p in job_dirs]
