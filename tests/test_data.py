@@ -433,8 +433,7 @@ def fashion(tmp_path_factory) -> DataBundle:
         f"{SYSTEM_FASHION} lacks {missing}: install Debian's fashion-mnist package "
         f"(CI does); this test must not be skipped"
     )
-    empty = tmp_path_factory.mktemp("empty_root")
-    return load_dataset(cfg("fashion_mnist", empty, val_split=0), seed=0)
+    return load_dataset(cfg("fashion_mnist", SYSTEM_FASHION, val_split=0), seed=0)  # the system copy, named
 
 
 def test_real_fashion_mnist_from_system_copy(fashion):
@@ -453,7 +452,7 @@ def test_real_fashion_mnist_stats_match_spec(fashion):
 
 
 def test_real_fashion_mnist_split(tmp_path):
-    b = load_dataset(cfg("fashion_mnist", tmp_path, val_split=5000), seed=0)
+    b = load_dataset(cfg("fashion_mnist", SYSTEM_FASHION, val_split=5000), seed=0)
     assert (len(b.train), len(b.val), len(b.test)) == (55000, 5000, 10000)
 
 
@@ -506,3 +505,15 @@ def test_synthetic_is_learnable():
 def test_synthetic_config_errors(key, value):
     with pytest.raises(ConfigError, match=rf"dataset\.{key}="):
         SyntheticConfig(**{key: value}).validate()
+
+
+def test_a_named_root_without_the_files_is_refused_not_swapped_for_the_system_copy(tmp_path):
+    """dataset.root the user names is used or refused: the system Fashion-MNIST never stands in for it."""
+    assert (SYSTEM_FASHION / "train-images-idx3-ubyte.gz").is_file(), "apt-get install -y dataset-fashion-mnist"
+    named = DatasetConfig(name="fashion_mnist", root=str(tmp_path / "mine"), download=False)
+    with pytest.raises(ConfigError) as err:
+        load_dataset(named, seed=0)
+    assert str(tmp_path / "mine") in str(err.value) and str(SYSTEM_FASHION) in str(err.value)
+    assert "used only when dataset.root is left at its default" in str(err.value)
+    default = DatasetConfig(name="fashion_mnist", download=False)  # the default root: the system copy may stand in
+    assert default.root_is_default() and not named.root_is_default()

@@ -144,9 +144,9 @@ def test_lenet_on_real_fashion_mnist_reaches_85_percent_in_one_epoch(tmp_path, e
     assert (FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file(), (
         "apt-get install -y dataset-fashion-mnist (done by .ci/run)")
     run_dir = tmp_path / "run"
-    # the default experiment; root is empty so the system copy is used
-    result = run_cnnlab("trainer.epochs=1", "trainer.device=cpu", f"dataset.root={empty_data_root}",
-                        f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    # the default experiment, with dataset.root at its default (an empty home here), so the system copy is used
+    result = run_cnnlab("trainer.epochs=1", "trainer.device=cpu", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+                        env={"HOME": str(empty_data_root)})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = check_run_dir(run_dir, epochs=1, test_size=10000,
                             classes=["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

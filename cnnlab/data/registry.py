@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,12 +22,14 @@ from cnnlab.checks import ConfigError, check_choice, check_range, is_whole
 from cnnlab.data.splits import FileSplit, Split
 
 LOADERS = ("auto", "resident", "streaming")
+# where datasets are looked for unless the user names a folder (dataset.root, or $CNNLAB_DATA in conf/)
+DEFAULT_ROOT = "~/.cache/cnnlab/data"
 
 
 @dataclass
 class DatasetConfig:
     name: str = "???"
-    root: str = "~/.cache/cnnlab/data"  # where files are looked for and downloaded to (~ expanded)
+    root: str = DEFAULT_ROOT  # where files are looked for and downloaded to (~ expanded)
     download: bool = True  # download with torchvision when the files are not found
     # held out of the training set for validation: a fraction in [0, 1), or a count >= 1
     # (5000 -> 45000 train / 5000 val on CIFAR); 0 -> no validation split
@@ -65,6 +68,11 @@ class DatasetConfig:
                 f"{self.name} has {pool}{' (after ' + prefix + '.subset)' if self.subset else ''}; "
                 f"use a count below {pool} or a fraction below 1"
             )
+
+    def root_is_default(self) -> bool:
+        """The user named no folder: a system copy of the dataset may stand in for missing files there.
+        A folder the user names is used, or refused, but never swapped for another copy."""
+        return Path(self.root).expanduser() == Path(DEFAULT_ROOT).expanduser()
 
     def train_pool_size(self) -> int | None:
         """The training pool after dataset.subset, when it is known without reading files."""

@@ -83,14 +83,16 @@ def read_idx(path: Path, kind: str, fix: str = "") -> np.ndarray:
     return array.reshape(dims[0], 1, dims[1], dims[2]) if kind == "images" else array
 
 
-def idx_search_dirs(name: str, root: Path) -> list[Path]:
-    return [root, root / IDX_LAYOUT[name] / "raw", *SYSTEM_DIRS.get(name, [])]
+def idx_search_dirs(name: str, root: Path, system: bool = True) -> list[Path]:
+    """Where the idx files are looked for: root, torchvision's layout under it, and the system copies
+    (only when `system`: dataset.root left at its default)."""
+    return [root, root / IDX_LAYOUT[name] / "raw", *(SYSTEM_DIRS.get(name, []) if system else [])]
 
 
-def _find_idx_dir(name: str, root: Path) -> tuple[Path | None, list[str]]:
+def _find_idx_dir(name: str, root: Path, system: bool) -> tuple[Path | None, list[str]]:
     """First folder holding all four files; else notes on folders that hold only some."""
     partial = []
-    for folder in idx_search_dirs(name, root):
+    for folder in idx_search_dirs(name, root, system):
         found = [f for f in IDX_FILES if _idx_file(folder, f) is not None]
         if len(found) == len(IDX_FILES):
             return folder, partial
@@ -100,20 +102,25 @@ def _find_idx_dir(name: str, root: Path) -> tuple[Path | None, list[str]]:
     return None, partial
 
 
-def load_idx_dataset(name: str, root: Path, download: bool) -> Loaded:
-    """mnist / fashion_mnist from the four idx files; download with torchvision if allowed."""
-    folder, partial = _find_idx_dir(name, root)
+def load_idx_dataset(name: str, root: Path, download: bool, system: bool = False) -> Loaded:
+    """mnist / fashion_mnist from the four idx files; download with torchvision if allowed. `system`:
+    a system copy may stand in (dataset.root left at its default)."""
+    folder, partial = _find_idx_dir(name, root, system)
     download_error = None
     if folder is None and download:
         try:
             _torchvision_download(name, root)
         except Exception as exc:  # no network, HTTP error, bad checksum: all end in the same advice
             download_error = one_line(exc)
-        folder, partial = _find_idx_dir(name, root)
+        folder, partial = _find_idx_dir(name, root, system)
     if folder is None:
         raw_dir = root / IDX_LAYOUT[name] / "raw"
-        places = " or ".join(str(p) for p in idx_search_dirs(name, root))
+        places = " or ".join(str(p) for p in idx_search_dirs(name, root, system))
         msg = [f"dataset {name}: its four idx files were not found (looked in {places})."]
+        unused = [str(d) for d in SYSTEM_DIRS.get(name, []) if not system and _find_idx_dir(name, d, False)[0]]
+        if unused:
+            msg.append(f"The system copy in {', '.join(unused)} is used only when dataset.root is left at its "
+                       f"default; a folder you name is never swapped for another copy.")
         msg += [f"Note: {p}." for p in partial]
         if download_error:
             msg.append(f"Downloading them with torchvision into {raw_dir} failed: {download_error}.")
@@ -324,12 +331,12 @@ SPECS = {
 TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000, "mnist": 60_000}
 
 
-def _register(name: str, reader) -> None:
-    register_dataset(name, spec=lambda cfg: SPECS[name], train_size=TRAIN_SIZES[name],
-                     load=lambda cfg, spec: reader(name, Path(cfg.root).expanduser(), cfg.download))
+def _register(name: str, load) -> None:
+    register_dataset(name, spec=lambda cfg: SPECS[name], train_size=TRAIN_SIZES[name], load=load)
 
 
 for _name in IDX_LAYOUT:
-    _register(_name, load_idx_dataset)
+    _register(_name, lambda cfg, spec, name=_name: load_idx_dataset(name, Path(cfg.root).expanduser(), cfg.download,
+                                                                    system=cfg.root_is_default()))
 for _name in CIFAR:
-    _register(_name, load_cifar)
+    _register(_name, lambda cfg, spec, name=_name: load_cifar(name, Path(cfg.root).expanduser(), cfg.download))
