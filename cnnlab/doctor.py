@@ -85,7 +85,8 @@ class Settings:
     init: str | None = None
     activation: str | None = None
     optimizer: str = "optimizer"
-    lr: float | None = None
+    lr: float | None = None  # optimizer.lr, as configured: what a fix changes
+    applied_lr: float | None = None  # the lr the optimizer applies now (a schedule's warm-up, say); None: lr
     momentum: float | None = None
     scheduler: str | None = None
     warmup: float | None = None  # scheduler.warmup_epochs
@@ -352,7 +353,8 @@ def _describe(s: Settings) -> str:
     if s.activation is not None:
         parts.append(s.activation)
     if s.lr is not None:
-        parts.append(f"{s.optimizer} lr {_fmt(s.lr)}")
+        now = s.applied_lr if s.applied_lr is not None else s.lr
+        parts.append(f"{s.optimizer} lr {_fmt(s.lr)}" + (f" ({_fmt(now)} applied now)" if now != s.lr else ""))
     if s.momentum:
         parts.append(f"momentum {_fmt(s.momentum)}")
     if s.scheduler is not None:
@@ -383,7 +385,8 @@ def _advice(findings: list[Finding], s: Settings) -> tuple[str, list[str]]:
     default_init = s.init == "pytorch_default"
     saturating = s.activation in SATURATING
     lr, momentum = s.lr, s.momentum or 0.0
-    effective = None if lr is None else lr / (1 - momentum)  # SGD's step size once momentum builds up
+    applied = s.applied_lr if s.applied_lr is not None else lr  # a step is as large as the lr applied now
+    effective = None if applied is None else applied / (1 - momentum)  # SGD's step size once momentum builds up
     large_step = effective is not None and effective >= LARGE_STEP
     no_warmup = s.warmup == 0 and s.scheduler not in (None, "onecycle")
 
@@ -404,7 +407,7 @@ def _advice(findings: list[Finding], s: Settings) -> tuple[str, list[str]]:
             "keeps a small gradient for negative inputs, so dead units can come back")
     if (collapsed or dead) and lr is not None:
         if large_step:
-            reasons.append(f"steps of lr {_fmt(lr)}" + (f" with momentum {_fmt(momentum)} (effective "
+            reasons.append(f"steps of lr {_fmt(applied)}" + (f" with momentum {_fmt(momentum)} (effective "
                            f"{_fmt(effective)})" if momentum else "") + " are large enough to throw it "
                            + ("into the constant-output state" if collapsed else "past the point where units die"))
         add("optimizer.lr", _fmt(lr / 10), f"an order of magnitude below {_fmt(lr)}: smaller first steps keep "

@@ -332,12 +332,15 @@ def _diverged(s: TrainState, epoch: int, step: int) -> None:
 
 
 def _examine(s: TrainState, epoch: int, train_loss: float, val: Evaluation | None) -> doctor.Diagnosis | None:
-    """The doctor, after epoch 1 and every trainer.doctor_every epochs (0: never)."""
-    every = s.run.trainer.doctor_every
-    if not every or (epoch != 1 and epoch % every):
+    """The doctor, after epoch 1, every trainer.doctor_every epochs (0: never), and after every epoch
+    while its last finding stands; the lr it judges is the one applied now."""
+    every, standing = s.run.trainer.doctor_every, s.record.summary.diagnosis
+    # while a finding stands it is checked every epoch, so it is cleared as soon as the run recovers
+    if not every or (epoch != 1 and epoch % every and not standing):
         return None
+    settings = dataclasses.replace(s.doctor, applied_lr=s.optimizer.param_groups[0]["lr"])
     diagnosis = distributed.broadcast(  # rank 0's verdict, so every rank stops alike
-        doctor.examine(s.model, s.probe.images, s.probe.labels, s.ctx, s.doctor, epoch, train_loss, val))
+        doctor.examine(s.model, s.probe.images, s.probe.labels, s.ctx, settings, epoch, train_loss, val))
     s.record.examined(diagnosis.to_dict() if diagnosis else None)
     if diagnosis:
         log.warning("%s", diagnosis.text())

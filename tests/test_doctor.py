@@ -364,3 +364,36 @@ def test_cli_stops_the_broken_vgg11_early_with_the_diagnosis(tmp_path):
     log = (run_dir / "train.log").read_text()
     assert "doctor: after epoch 1 training looks stuck" in log and "model.batch_norm=true" in log
     assert math.isfinite(summary["test_acc"])  # a stuck run is still scored, so it can be compared
+
+
+def test_the_advice_judges_the_lr_applied_now_not_the_configured_peak() -> None:
+    """One-cycle warm-up applies 0.002 in epoch 1 while optimizer.lr says 0.05: no "steps too large"."""
+    collapsed = [doctor.Finding("collapsed", "loss at chance")]
+    base = dict(num_classes=10, chance_loss=LN10, model="alexnet", batch_norm=True, init="kaiming", activation="relu",
+                optimizer="sgd", lr=0.5, momentum=0.9, scheduler="onecycle", warmup=0, epochs=10)
+    cause, fixes = doctor._advice(collapsed, doctor.Settings(**base, applied_lr=0.002))
+    assert "steps of lr" not in cause and "sgd lr 0.5 (0.002 applied now)" in cause
+    cause, fixes = doctor._advice(collapsed, doctor.Settings(**base, applied_lr=0.5))
+    assert "steps of lr 0.5 with momentum 0.9" in cause
+    assert any(f.startswith("optimizer.lr=0.05:") for f in fixes)  # the fix names the configured key's value
+
+
+def test_a_finding_is_checked_every_epoch_and_cleared_when_the_run_recovers(tmp_path) -> None:
+    """The doctor says stuck after epoch 1 (made so here); epoch 2 is checked although doctor_every=5,
+    finds the run healthy, and the summary no longer says stuck."""
+    code = ("import sys, cnnlab.doctor as d; real, seen = d.examine, []\n"
+            "def examine(*a, **k):\n"
+            "    seen.append(a[5]); print('examined epoch', a[5], flush=True)\n"
+            "    if a[5] == 1: return d.Diagnosis(1, [d.Finding('collapsed', 'made stuck')], 'cause', [])\n"
+            "    return real(*a, **k)\n"
+            "d.examine = examine\n"
+            "from cnnlab.__main__ import main; sys.argv[1:] = sys.argv[2:]; main()")
+    import subprocess
+    import sys
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-c", code, "-", "+debug=smoke", "trainer.doctor_every=5",
+                           f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "examined epoch 1" in done.stdout and "examined epoch 2" in done.stdout
+    assert "doctor: after epoch 1 training looks stuck" in (run_dir / "train.log").read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["diagnosis"] is None

@@ -217,3 +217,19 @@ def test_multirun_reports_every_job_including_a_failed_one(tmp_path: Path) -> No
     markdown = (sweep / "sweep_summary.md").read_text()
     assert "4 runs from" in markdown and "2 completed, 2 failed" in markdown
     assert "**failed** kernel_size=5, dataset=mnist" in markdown
+
+def test_stuck_runs_are_a_column_and_a_section(tmp_path: Path) -> None:
+    """A run the doctor last found stuck may say completed; the report says it did not learn."""
+    root = tmp_path / "sweep"
+    make_run(root, "0_lr-0.1", lr=0.1, activation="relu", test_acc=0.1, best_epoch=1, best_val_acc=0.1,
+             diagnosis={"stuck": True, "cause": "vgg11 (no batch norm): it gives every image the same output"})
+    make_run(root, "1_lr-0.01", lr=0.01, activation="relu", test_acc=0.6, best_epoch=1, best_val_acc=0.6,
+             diagnosis=None)
+    report = write_report([root], root)
+    table = pd.read_csv(root / "sweep_summary.csv").set_index("run")
+    assert bool(table.loc["0_lr-0.1", "stuck"]) and not bool(table.loc["1_lr-0.01", "stuck"])
+    markdown = (root / "sweep_summary.md").read_text()
+    assert "## Stuck runs" in markdown
+    assert "- **completed** lr=0.1 (job 0): vgg11 (no batch norm): it gives every image the same output" in markdown
+    assert "| stuck   |" in markdown.split("## ")[0]  # the ranked table has the column, before the sections
+    assert len(report.table) == 2

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from cnnlab.report.sweep_plots import accuracy_bars_figure, confusion_grid_figur
 
 MARKDOWN_COLUMNS = (
     "best_epoch", "best_val_acc", "test_acc", "test_loss", "final_train_loss", "final_val_loss", "gap",
-    "min_val_loss_epoch", "val_loss_rise", "params", "train_seconds",
+    "min_val_loss_epoch", "val_loss_rise", "stuck", "params", "train_seconds",
 )
 
 
@@ -153,8 +153,17 @@ def render_markdown(sources: Sequence[Path], table: pd.DataFrame, keys: Sequence
     if seeds is not None:
         lines += ["## Mean over seeds", "", _seed_table(seeds, keys, names), ""]
 
+    lines += _overfitting(table, describe) + _stuck(table, describe) + _unfinished(table, describe)
+    if notes:
+        lines += ["## Notes", "", *[f"- {note}" for note in notes], ""]
+    if images:
+        lines += ["## Plots", "", *[f"![{name}]({name})" for name in images], ""]
+    return "\n".join(lines)
+
+
+def _overfitting(table: pd.DataFrame, describe: Callable[[str], str]) -> list[str]:
     overfit = table[table["overfit"]]
-    lines += ["## Overfitting", ""]
+    lines = ["## Overfitting", ""]
     if overfit.empty:
         lines.append("No run's val loss rose after its lowest point while train loss kept falling.")
     else:
@@ -164,20 +173,29 @@ def render_markdown(sources: Sequence[Path], table: pd.DataFrame, keys: Sequence
         for _, row in overfit.sort_values("val_loss_rise", ascending=False).iterrows():
             lines.append(f"- {describe(row['run'])}: lowest val loss {row['min_val_loss']:.4g} at epoch "
                          f"{int(row['min_val_loss_epoch'])} of {int(row['epochs'])}, then {row['val_loss_rise']:+.4g}")
-    lines.append("")
+    return lines + [""]
 
+
+def _stuck(table: pd.DataFrame, describe: Callable[[str], str]) -> list[str]:
+    """Runs the doctor found stuck at their last check: they may say completed, yet did not learn."""
+    stuck = table[table["stuck"]]
+    if stuck.empty:
+        return []
+    lines = ["## Stuck runs", "", "The doctor found these runs stuck at chance level at its last check "
+             "(`diagnosis` in their summary.json has the numbers and the fixes):", ""]
+    lines += [f"- **{row['status']}** {describe(row['run'])}: {row['diagnosis']}" for _, row in stuck.iterrows()]
+    return lines + [""]
+
+
+def _unfinished(table: pd.DataFrame, describe: Callable[[str], str]) -> list[str]:
     unfinished = table[table["status"] != "completed"]
-    if len(unfinished):
-        lines += ["## Runs that did not complete", ""]
-        for _, row in unfinished.iterrows():
-            error = f": {row['error']}" if isinstance(row["error"], str) and row["error"] else ""
-            lines.append(f"- **{row['status']}** {describe(row['run'])}{error}")
-        lines.append("")
-    if notes:
-        lines += ["## Notes", "", *[f"- {note}" for note in notes], ""]
-    if images:
-        lines += ["## Plots", "", *[f"![{name}]({name})" for name in images], ""]
-    return "\n".join(lines)
+    if unfinished.empty:
+        return []
+    lines = ["## Runs that did not complete", ""]
+    for _, row in unfinished.iterrows():
+        error = f": {row['error']}" if isinstance(row["error"], str) and row["error"] else ""
+        lines.append(f"- **{row['status']}** {describe(row['run'])}{error}")
+    return lines + [""]
 
 
 def _short_run(name: str, all_names: Sequence[str]) -> str:
@@ -210,6 +228,8 @@ def _cell(value: Any, column: str) -> str:
     """Readable table cells: thousands separators for counts, 4 significant digits for metrics."""
     if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NA:
         return ""
+    if column == "stuck":
+        return "stuck" if value else ""
     if column == "params":
         return f"{int(value):,}"
     if isinstance(value, float):

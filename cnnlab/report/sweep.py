@@ -232,6 +232,9 @@ def run_row(run: Run, keys: Sequence[str]) -> dict[str, Any]:
         train_seconds=s.train_seconds,
         epochs=_first(s.epochs_completed, len(m) if m is not None else 0),
         error=s.error,
+        # the doctor's standing verdict: collapsed at chance level (trainer.stop_when_stuck stops such runs)
+        stuck=bool((s.diagnosis or {}).get("stuck")),
+        diagnosis=(s.diagnosis or {}).get("cause"),
         path=str(run.path),
     )
     return row
