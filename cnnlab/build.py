@@ -23,6 +23,7 @@ from cnnlab.distributed import World
 from cnnlab.doctor import Settings
 from cnnlab.engine import StepContext
 from cnnlab.losses import LossConfig, build_loss, chance_loss
+from cnnlab.memory import check_fits, footprint
 from cnnlab.models import build_model
 from cnnlab.models.card import ModelCard, human, model_card
 
@@ -69,8 +70,9 @@ class Prepared:
     viz_layer: str | None  # the conv layer whose feature maps are drawn, if asked for
 
 
-def prepare(run: RunConfig, spec: DatasetSpec | None = None) -> Prepared:
-    """Config-time checks that need the dataset's shape: pipeline and model build, device.
+def prepare(run: RunConfig, spec: DatasetSpec | None = None, training: bool = True) -> Prepared:
+    """Config-time checks that need the dataset's shape: pipeline and model build, device, and (for
+    training) whether a training step fits in the device's memory.
 
     spec: the dataset's shape and classes when known already (a checkpoint records them, so a
     trained model opens without its image folder); by default read from the dataset config."""
@@ -78,10 +80,23 @@ def prepare(run: RunConfig, spec: DatasetSpec | None = None) -> Prepared:
     spec = spec or spec_for(run.dataset)
     pipeline = build_pipeline(run.augmentation, spec)
     channels, height, width = pipeline.output_shape
+    if training:
+        _check_memory(run, (channels, height, width), spec.num_classes, device)
     seed_everything(run.trainer.seed)  # the model's initial weights depend on the seed alone
     model = build_model(run.model, channels, spec.num_classes, (height, width))
     viz_layer = viz.resolve_layer(model, run.viz.layer) if run.viz.feature_maps else None
     return Prepared(device, spec, pipeline, model, viz_layer)
+
+
+def _check_memory(run: RunConfig, shape: tuple[int, int, int], num_classes: int, device: torch.device) -> None:
+    """Refuse, with the numbers, a run whose training step cannot fit: estimated on the meta device,
+    before one byte of the model is allocated."""
+    batch = run.trainer.batch_size
+    found = footprint(lambda: build_model(run.model, shape[0], num_classes, shape[1:]), (batch, *shape))
+    slots = 2 if run.optimizer.name in ("adam", "adamw", "radam") else 1  # per-weight optimizer state
+    check_fits(f"training {run.model.name} ({found.params:,} parameters) on {'x'.join(map(str, shape))} images "
+               f"at trainer.batch_size={batch}", found.training_bytes(slots), device,
+               "lower the model's sizes, the image size (the augmentation's resize) or trainer.batch_size")
 
 
 def uses_bf16(trainer: TrainerConfig, device: torch.device) -> bool:

@@ -69,15 +69,20 @@ class OutputDirCheck(Callback):
     def _check(config: DictConfig, key: str) -> None:
         path = Path(str(OmegaConf.select(config, key)))
         reason = unwritable_reason(path)
+        if not reason:
+            try:  # permissions can look fine where nothing can be made (/proc, a read-only mount)
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                reason = err.strerror or str(err)
         if reason:
             print(f"{key}={path} cannot be created: {reason}. Run from a directory you can write to, "
                   f"or choose another location with {key}=<dir>.", file=sys.stderr)
             sys.exit(2)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config, "hydra.run.dir")
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
         note_new(run_dir)  # a run refused before it begins removes what it made, and only that
+        self._check(config, "hydra.run.dir")
         if not OmegaConf.select(config, "trainer.resume", default=None) and holds_a_run(run_dir):
             # before Hydra writes its config and log there: the run in it stays as it was
             print(f"hydra.run.dir={run_dir} already holds a run; a new run never writes into it. Continue that run "

@@ -5,6 +5,7 @@ target with os.replace, so a crash mid-save leaves the previous version intact a
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -25,9 +26,17 @@ from cnnlab.checks import ConfigError
 FORMAT_VERSION = 2  # 2: RNG states as tensors and plain values (weights_only), a tensor checksum
 
 
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no room: the user's to fix, not a bug
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write to a temporary file beside `path`, fsync, rename over it: the previous version stays whole
+    until the new one is. A full disk is a ConfigError saying so (exit 2), the previous version intact."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise _full(path, err) if err.errno in FULL else err
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes files private; run outputs are meant to be shared
         with os.fdopen(fd, "wb") as f:
@@ -35,9 +44,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in FULL:
+            raise _full(path, err) from None
         raise
+
+
+def _full(path: Path, err: OSError) -> ConfigError:
+    return ConfigError(f"no room on the disk to write {path} ({err.strerror}); its previous version is intact. "
+                       f"Free some space, then continue the run with trainer.resume=<its run directory>")
 
 
 def remove_partial_writes(folder: Path) -> list[Path]:

@@ -8,6 +8,7 @@ is loaded or any model trained.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,8 +157,21 @@ def validate(cfg: DictConfig) -> RunConfig:
     if missing:
         raise ConfigError(f"config group(s) {', '.join(missing)} missing; select one, e.g. {missing[0]}=...")
     run = RunConfig(**{group: typed_group(group, cfg[group] if group in cfg else {}) for group in SCHEMAS})
+    _check_finite(run.to_dict(), "")
     if run.scheduler.warmup_epochs >= run.trainer.epochs:
         raise ConfigError(
             f"scheduler.warmup_epochs={run.scheduler.warmup_epochs} must be shorter than trainer.epochs={run.trainer.epochs}"
         )
     return run
+
+
+def _check_finite(node: Any, key: str) -> None:
+    """nan and inf pass every range check (a comparison with nan is false): refuse them in any key."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            _check_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            _check_finite(value, f"{key}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{key}={node} is not a finite number; give {key} a finite value")

@@ -143,7 +143,7 @@ def open_run(run_dir: str | Path | None, checkpoint: str = "best", device: str |
     run = validate(cfg)
     saved = ckpt.get("spec")  # checkpoints from before it was recorded: read from the dataset config
     prep = prepare(run, DatasetSpec(**{**saved, "classes": tuple(saved["classes"]), "mean": tuple(saved["mean"]),
-                                       "std": tuple(saved["std"])}) if saved else None)
+                                       "std": tuple(saved["std"])}) if saved else None, training=False)
     try:
         prep.model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as err:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import platform
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ import torch
 import cnnlab
 from cnnlab.checkpoint import write_json
 from cnnlab.checks import ConfigError
+
+log = logging.getLogger("cnnlab")
 
 
 class Status(str, Enum):
@@ -128,9 +131,13 @@ class Summary:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Summary:
-        """Known keys only: a file from another version still reads."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        """Known keys only, so a file from another version still reads; a value of the wrong type (a
+        hand-edited or damaged file) is a ValueError naming it, so readers never format garbage."""
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        for key, value in data.items():
+            if key in fields and value is not None and not _of_type(value, fields[key]):
+                raise ValueError(f"{key} is {value!r}, not {fields[key].split(' |')[0]}")
+        return cls(**{k: v for k, v in data.items() if k in fields})
 
     def final_metrics(self) -> dict[str, float]:
         """The numeric results, for trackers: test and best-validation scores, sizes, time."""
@@ -141,6 +148,15 @@ class Summary:
     def finished(self) -> bool:
         """Ended with a result: scored on the test set (diverged and stuck runs are scored too)."""
         return self.status in (Status.COMPLETED, Status.DIVERGED, Status.STUCK)
+
+
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "list": (list,), "dict": (dict,)}
+
+
+def _of_type(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotated (as text) `float | None`, `list[str]`, ...; no bools for numbers."""
+    base = annotation.split("|")[0].strip().split("[")[0]
+    return isinstance(value, _TYPES.get(base, (object,))) and not (isinstance(value, bool) and base in ("int", "float"))
 
 
 def read_summary(run_dir: Path) -> Summary:
@@ -332,7 +348,10 @@ class RunRecord:
             return  # a resume refused before training, or a directory holding another record
         self.live = True
         self.summary.status, self.summary.error = Status.FAILED, f"{type(error).__name__}: {error}"
-        self._close()
+        try:
+            self._close()
+        except (OSError, ConfigError) as err:  # a full disk, say: the failure itself is what the user must see
+            log.warning("the failure could not be recorded in %s: %s", self.run_dir / "summary.json", err)
 
     def tested(self, loss: float, acc: float, checkpoint: str) -> None:
         self.summary.test_loss, self.summary.test_acc, self.summary.test_checkpoint = loss, acc, checkpoint

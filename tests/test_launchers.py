@@ -135,20 +135,20 @@ def test_gpu_leases_held_at_once_are_distinct_and_released(tmp_path, caplog):
     def job() -> None:
         with launch.gpu_lease(tmp_path, num_gpus) as index:
             got.append(index)
-            all_held.wait(timeout=10)
-            done.wait(timeout=10)
+            all_held.wait(timeout=120)
+            done.wait(timeout=120)
 
     threads = [threading.Thread(target=job) for _ in range(holders)]
     for thread in threads:
         thread.start()
-    all_held.wait(timeout=10)
+    all_held.wait(timeout=120)
     assert sorted(got) == [0, 1, 2]
     with caplog.at_level(logging.WARNING, logger="cnnlab"), launch.gpu_lease(tmp_path, num_gpus, fallback=7) as index:
         assert index == 7 % num_gpus  # all taken: share one instead of waiting
     assert "all 3 GPUs are leased" in caplog.text
     done.set()
     for thread in threads:
-        thread.join(timeout=10)
+        thread.join(timeout=120)
     with launch.gpu_lease(tmp_path, num_gpus) as index:
         assert index == 0, "every lease was released when its job ended"
 

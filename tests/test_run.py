@@ -39,7 +39,7 @@ def check_run_dir(run_dir: Path, epochs: int, test_size: int, classes: list[str]
     assert summary["epochs_completed"] == epochs
     assert summary["final_train_loss"] == pytest.approx(metrics["train_loss"].iloc[-1])
     assert summary["final_val_acc"] == pytest.approx(metrics["val_acc"].iloc[-1])
-    assert summary["train_seconds"] <= metrics["epoch_seconds"].sum() + 1e-6
+    assert summary["train_seconds"] <= metrics["epoch_seconds"].sum() + 1e-3  # rounded to ms and to 0.1 ms
     assert summary["test_size"] == test_size
     assert summary["params_total"] >= summary["params_trainable"] > 0
     assert summary["model_size_mb"] == pytest.approx(summary["params_total"] * 4 / 1e6, rel=0.05)

@@ -19,6 +19,7 @@ import torch
 from cnnlab.data.datasets import DataBundle
 from cnnlab.data.splits import FileSplit, Split
 from cnnlab.distributed import World
+from cnnlab.memory import available_bytes
 
 log = logging.getLogger("cnnlab")
 
@@ -144,18 +145,7 @@ def batches_of(split: AnySplit, batch_size: int, device: torch.device, num_worke
 
 
 def _free_memory(device: torch.device) -> float:
-    """Bytes free on the device: CUDA's own count, else the host's available RAM."""
-    if device.type == "cuda":
-        return float(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return float(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        try:
-            return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-        except (ValueError, OSError, AttributeError):
-            return math.inf
+    return available_bytes(device)
 
 
 def choose_loader(choice: str, splits: list[AnySplit | None], device: torch.device) -> str:

@@ -73,6 +73,9 @@ def _check(loaded: Loaded, spec: DatasetSpec, cfg: DatasetConfig) -> None:
     shape = (spec.channels, spec.height, spec.width)
     named = (("train", loaded.train), ("val", loaded.val), ("test", loaded.test))
     for name, split in ((n, s) for n, s in named if s is not None):
+        if not len(split) and name != "val":  # a run trains on one and is scored on the other
+            raise ConfigError(f"dataset {cfg.name}: the {name} split is empty (no images under {root}); "
+                              f"a run needs training images and test images to score on")
         if tuple(split.shape) != shape:
             raise ConfigError(f"dataset {cfg.name}: {name} images are {tuple(split.shape)}, "
                               f"expected {shape}; the files under {root} are not {cfg.name}")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from cnnlab.checks import ConfigError, check_range, is_whole
 from cnnlab.data.registry import DatasetConfig, DatasetSpec, Loaded, check_whole, register_dataset
 from cnnlab.data.splits import Split
+from cnnlab.memory import check_fits
 
 
 @dataclass
@@ -35,6 +36,12 @@ class SyntheticConfig(DatasetConfig):
         if not is_whole(self.seed):
             raise ConfigError(f"{prefix}.seed={self.seed!r} must be a whole number")
         super().validate(prefix)
+        pixels = self.channels * self.image_size**2
+        # uint8 splits, and float32 noise and prototypes while the larger one is made
+        need = (self.train_size + self.test_size) * pixels + 8.0 * max(self.train_size, self.test_size) * pixels
+        check_fits(f"{prefix}.train_size={self.train_size}, {prefix}.test_size={self.test_size} synthetic images of "
+                   f"{self.channels}x{self.image_size}x{self.image_size}", need, torch.device("cpu"),
+                   f"lower {prefix}.train_size, {prefix}.test_size or {prefix}.image_size")
 
     def train_pool_size(self) -> int | None:
         return min(self.train_size, self.subset) if self.subset else self.train_size
