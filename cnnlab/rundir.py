@@ -20,8 +20,6 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from cnnlab.checks import unwritable_reason
-
 RUN_FILES = ("summary.json", "metrics.csv", "checkpoints")  # any of them: the directory holds a run
 _claimed: dict[str, str] = {}  # base -> the directory this process claimed (a resolver may be asked again)
 _created: set[Path] = set()  # run directories this process made: the only ones `release` removes
@@ -31,17 +29,18 @@ def unique_dir(base: str) -> str:
     """`base`, or the first of `base_2`, `base_3`... that no other run has claimed; created here."""
     if base in _claimed:
         return _claimed[base]
-    if unwritable_reason(Path(base)):  # OutputDirCheck reports it, with the key to change
-        return base
-    Path(base).parent.mkdir(parents=True, exist_ok=True)
     candidate, n = base, 1
-    while True:
-        try:
-            Path(candidate).mkdir()
-            break
-        except FileExistsError:
-            n += 1
-            candidate = f"{base}_{n}"
+    try:
+        Path(base).parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                Path(candidate).mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                candidate = f"{base}_{n}"
+    except OSError:  # cannot be made: OutputDirCheck reports why, with the key to change
+        return base
     _claimed[base] = candidate
     _created.add(Path(candidate).resolve())
     return candidate
