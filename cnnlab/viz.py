@@ -5,19 +5,16 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+from matplotlib.figure import Figure  # the object API: no backend chosen (see report/run.py)
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.utils import make_grid
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
-
-from cnnlab.checks import ConfigError  # noqa: E402
-from cnnlab.data.splits import Split  # noqa: E402
-from cnnlab.engine import StepContext  # noqa: E402
+from cnnlab.checks import ConfigError
+from cnnlab.data.splits import Split
+from cnnlab.engine import StepContext
 
 
 def conv_layer_names(model: nn.Module) -> list[str]:
@@ -86,7 +83,8 @@ def plot_feature_maps(
         pictures = np.repeat(pictures, 3, axis=-1)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.8 * rows), squeeze=False, layout="constrained")
+    fig = Figure(figsize=(3.2 * cols, 3.8 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[n:]:
         ax.remove()
     for i in range(n):
@@ -99,7 +97,6 @@ def plot_feature_maps(
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
     panels = sum(1 for ax in fig.axes if ax.images)  # what was drawn, not what was asked for
-    plt.close(fig)
     return panels
 
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from cnnlab.checkpoint import atomic_write_text
@@ -73,7 +72,6 @@ def write_report(sources: Sequence[Path], out: Path, metric: str = "test_acc", f
     for name, fig in figures.items():
         if fig is not None:
             fig.savefig(out / name, dpi=110, bbox_inches="tight")
-            plt.close(fig)
             files.append(out / name)
 
     images = [f.name for f in files if f.suffix == ".png"]

@@ -5,15 +5,14 @@ import csv
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+# Figures are made with matplotlib's object API, never pyplot: no backend is chosen or changed, so the
+# files are written headless (servers, CI) and a notebook's own inline plotting is left as it was.
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")  # headless: runs on servers and in CI without a display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from cnnlab.record import Summary  # noqa: E402
+from cnnlab.record import Summary
 
 METRIC_COLUMNS = (
     "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second",
@@ -48,9 +47,16 @@ def write_confusion(run_dir: Path, matrix: np.ndarray, classes: Sequence[str]) -
     )
     per_class.to_csv(run_dir / "per_class_accuracy.csv", index=False)
 
+    confusion_figure(matrix, classes).savefig(run_dir / "confusion_matrix.png", dpi=120)
+
+
+def confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> Figure:
+    """The confusion matrix drawn: rows true class, columns predicted, coloured by row rate."""
+    totals, correct = matrix.sum(axis=1), np.diag(matrix)
     k = len(classes)
     size = min(max(6, 0.45 * k), 30)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    fig = Figure(figsize=(size, size * 0.85))
+    ax = fig.subplots()
     rates = matrix / np.maximum(totals[:, None], 1)  # colour by row rate, so rare classes stay visible
     im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
@@ -66,18 +72,22 @@ def write_confusion(run_dir: Path, matrix: np.ndarray, classes: Sequence[str]) -
                         color="white" if rates[i, j] > 0.5 else "black")
     ax.set_title(f"Test confusion matrix ({int(matrix.sum())} images, accuracy {correct.sum() / max(matrix.sum(), 1):.2%})")
     fig.tight_layout()
-    fig.savefig(run_dir / "confusion_matrix.png", dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def plot_curves(run_dir: Path, title: str = "") -> None:
     """curves.png: loss and accuracy against epoch, train and val, from metrics.csv."""
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    curves_figure(pd.read_csv(run_dir / "metrics.csv"), title).savefig(run_dir / "curves.png", dpi=120)
+
+
+def curves_figure(metrics: pd.DataFrame, title: str = "") -> Figure:
+    """Loss and accuracy against epoch, train and val (and test, where it was measured)."""
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
-        for split, style in (("train", "-o"), ("val", "-s")):
+        for split, style in (("train", "-o"), ("val", "-s"), ("test", "-^")):
             column = f"{split}_{metric}"
-            if metrics[column].notna().any():
+            if column in metrics and metrics[column].notna().any():
                 ax.plot(metrics["epoch"], metrics[column], style, label=split, markersize=3)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -87,8 +97,7 @@ def plot_curves(run_dir: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(run_dir / "curves.png", dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def _duration(seconds: float) -> str:

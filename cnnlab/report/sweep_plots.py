@@ -9,16 +9,14 @@ from collections.abc import Sequence
 from itertools import product
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure  # the object API: no backend chosen (see report/run.py)
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # headless: sweeps run on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from cnnlab.report.sweep import Run, format_value, overfitting, run_label, short_names  # noqa: E402
+from cnnlab.report.sweep import Run, format_value, overfitting, run_label, short_names
 
 STATUS_COLORS = {"completed": "tab:blue", "diverged": "tab:orange", "failed": "tab:red", "killed": "tab:red",
                  "interrupted": "tab:purple", "stuck": "tab:brown"}
@@ -39,7 +37,8 @@ def curves_figure(runs: Sequence[Run], keys: Sequence[str], facet: Sequence[str]
     labels = list(dict.fromkeys(run_label(run, line_keys, names) for run in plotted))
     colors = dict(zip(labels, _palette(len(labels))))
 
-    fig, axes = plt.subplots(len(groups), 2, figsize=(13, 3.6 * len(groups)), squeeze=False, layout="constrained")
+    fig = Figure(figsize=(13, 3.6 * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), 2, squeeze=False)
     for (title, members), (ax_loss, ax_acc) in zip(groups, axes):
         for run in members:
             label = run_label(run, line_keys, names)
@@ -80,11 +79,11 @@ def _facet_groups(runs: Sequence[Run], facet: Sequence[str]) -> list[tuple[str, 
 
 
 def _palette(n: int) -> list:
-    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20" if n <= 20 else "viridis")
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20" if n <= 20 else "viridis"]
     return [cmap(i) if n <= 20 else cmap(i / max(n - 1, 1)) for i in range(n)]
 
 
-def _legend(ax: plt.Axes, entries: list[tuple]) -> None:
+def _legend(ax: Axes, entries: list[tuple]) -> None:
     handles = [Line2D([], [], color=color, lw=2, label=label) for color, label in entries]
     if len(handles) <= 8:
         ax.legend(handles=handles, fontsize=8, loc="best")
@@ -95,7 +94,8 @@ def _legend(ax: plt.Axes, entries: list[tuple]) -> None:
 def accuracy_bars_figure(table: pd.DataFrame, labels: dict[str, str]) -> Figure:
     """Test accuracy per run in ranking order, best at the top, coloured by status."""
     acc = pd.to_numeric(table["test_acc"], errors="coerce").fillna(0.0)
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.38 * len(table)))
+    fig = Figure(figsize=(10, 1.2 + 0.38 * len(table)))
+    ax = fig.subplots()
     y = np.arange(len(table))[::-1]
     colors = [STATUS_COLORS.get(status, "tab:gray") for status in table["status"]]
     ax.barh(y, acc, color=colors)
@@ -118,7 +118,8 @@ def confusion_grid_figure(runs: Sequence[Run], labels: dict[str, str]) -> Figure
         return None
     cols = math.ceil(math.sqrt(len(shown)))
     rows = math.ceil(len(shown) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.6 * rows), squeeze=False, layout="constrained")
+    fig = Figure(figsize=(3.4 * cols, 3.6 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     image = None
     for ax, run in zip(axes.flat, shown):
         matrix = pd.read_csv(run.path / "confusion_matrix.csv", index_col=0)
