@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+import matplotlib
 from matplotlib.figure import Figure  # the object API: no backend chosen (see report/run.py)
 import numpy as np
 import torch
