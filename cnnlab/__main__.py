@@ -4,10 +4,8 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import shlex
 import sys
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -15,107 +13,33 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cnnlab import distributed
-from cnnlab.build import prepare
+from cnnlab import distributed, usercode
+from cnnlab.callbacks import Refused
 from cnnlab.checks import ConfigError
-from cnnlab.config import config_dir, validate
+from cnnlab.config import config_dir
 from cnnlab.interrupt import Interrupted
-from cnnlab.launch import job_placement, missing_launcher_message
-from cnnlab.precheck import check_command_line, varying_keys
-from cnnlab.record import RunRecord, Summary, read_summary
-from cnnlab.report import console_table
-from cnnlab.resume import resume_argv, resume_point, resumed_config
-from cnnlab.rundir import SWEEP_COMMAND_ENV, SWEEP_KEYS_ENV, holds_a_run, release
-from cnnlab.train import fit
+from cnnlab.job import checked_command_line, continue_command, run_job
+from cnnlab.launch import missing_launcher_message
 
 log = logging.getLogger("cnnlab")
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    overrides = list(hydra_cfg.overrides.task)
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    world = distributed.world_from_env()
-    if not world.is_main:  # rank 0 speaks for the run; the others only warn
-        log.setLevel(logging.WARNING)
-    _warn_unswept_preset(hydra_cfg, multirun)
-    if multirun and holds_a_run(run_dir):  # a sweep run again: each job goes on from where it stands
-        kept = _finished_job(run_dir)
-        if kept is not None:
-            return kept.best_val_acc
-        cfg.trainer.resume = str(run_dir)
-    record = None  # the run's record, once its directory is known for sure
     try:
-        resume = cfg.trainer.get("resume")
-        if resume:  # the checkpoint's config, changed only where this command line says
-            point = resume_point(resume)
-            cfg = resumed_config(cfg, point.saved_config(), overrides)
-            cfg.trainer.resume, run_dir = str(resume), point.run_dir  # a sweep's re-run sets it, not its overrides
-        run = validate(cfg)
-        distributed.setup(world, run.trainer.device, multirun)
-        run_dir = Path(distributed.broadcast(str(run_dir)))  # under torchrun: rank 0's run dir for every rank
-        opener = RunRecord.for_resume if run.trainer.resume else RunRecord.new
-        record = opener(run_dir, overrides, writes=world.is_main)
-        with job_placement(cfg):  # jobs side by side: a share of the CPU threads, a GPU each
-            summary = fit(run, run_dir, overrides, record)
+        summary = run_job(cfg)
     except Interrupted as err:  # checkpointed at a step boundary; status: interrupted is in summary.json
-        log.warning("%s: checkpoint saved. Continue with: %s", err, _continue_command(world, run_dir, multirun))
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        program = distributed.command_prefix(distributed.world_from_env())
+        command = continue_command(run_dir, hydra_cfg.mode == RunMode.MULTIRUN, program)
+        log.warning("%s: checkpoint saved. Continue with: %s", err, command)
         sys.exit(err.exit_code)
-    except Exception as err:
-        return _failed(err, run_dir, overrides, record, multirun, world)
-    finally:
-        distributed.teardown()
-    log.info("%s", console_table(summary, run_dir))
-    return summary.best_val_acc  # the value a sweeper would optimise
-
-
-def _warn_unswept_preset(hydra_cfg: DictConfig, multirun: bool) -> None:
-    sweep = hydra_cfg.sweeper.get("params")
-    if sweep and not multirun:  # a study preset run without -m: say what is being left out
-        axes = ", ".join(f"{key}={values}" for key, values in sweep.items())
-        log.warning("this config defines a sweep (%s) but runs once with its base settings; add -m to run the sweep", axes)
-
-
-def _finished_job(run_dir: Path) -> Summary | None:
-    """A job an earlier run of this sweep finished: kept as it is, not one file touched (so not logged:
-    the job's log is its train.log)."""
-    try:
-        summary = read_summary(run_dir)
-    except (OSError, ValueError, TypeError):
-        return None
-    if not summary.finished:
-        return None
-    print(f"{run_dir.name}: {summary.status} in an earlier run of this sweep; kept as it is")
-    return summary
-
-
-def _continue_command(world: distributed.World, run_dir: Path, multirun: bool) -> str:
-    """How to go on: the sweep's own command line in its directory, or trainer.resume for one run."""
-    if multirun and os.environ.get(SWEEP_COMMAND_ENV):
-        sweep_dir = HydraConfig.get().sweep.dir
-        args = [a for a in shlex.split(os.environ[SWEEP_COMMAND_ENV]) if not a.startswith("hydra.sweep.dir=")]
-        return " ".join(["python -m cnnlab", *map(shlex.quote, args), f"hydra.sweep.dir={shlex.quote(str(sweep_dir))}"])
-    return f"{distributed.command_prefix(world)} trainer.resume={shlex.quote(str(run_dir.resolve()))}"
-
-
-def _failed(err: Exception, run_dir: Path, overrides: list[str], record: RunRecord | None, multirun: bool,
-            world: distributed.World) -> None:
-    if not multirun and (record is None or not record.live) and world.is_main:
-        release(run_dir)  # refused before the run began: no directory is left behind
-    else:  # fit() has recorded its own failure; a sweep job's earlier one is recorded for the report
-        (record or RunRecord.new(run_dir, overrides, writes=world.is_main)).failed(err)
-    if isinstance(err, ConfigError):
-        # bad input: one clear message; the traceback only when debugging (Hydra's own switch)
+    except ConfigError as err:  # bad input to a single run: one clear message, exit 2
+        # the traceback only when debugging (Hydra's own switch)
         log.error("%s", err, exc_info=os.environ.get("HYDRA_FULL_ERROR") == "1")
-    elif multirun:
-        log.exception("job failed")
-    else:
-        raise err  # a bug, not bad input: keep the traceback
-    if multirun:
-        return None  # recorded in summary.json; the other jobs run, SweepStatus reports it
-    sys.exit(2)
+        sys.exit(2)
+    return summary.best_val_acc if summary else None  # the value a sweeper would optimise
 
 
 # subcommand -> the module whose main(argv) -> exit status runs it; imported only when named,
@@ -128,25 +52,10 @@ SUBCOMMANDS = {
 }
 
 
-def _job_check(argv: list[str]) -> Callable[[DictConfig], None]:
-    """What checking a job means before Hydra starts: its overrides compose (a resume: only that, its
-    config comes from the checkpoint), it validates, and in a sweep its model and pipeline build
-    (a single run builds them in fit, before it begins)."""
-    resume = any(a.startswith("trainer.resume=") for a in argv)
-    sweep = "-m" in argv or "--multirun" in argv
-
-    def check(cfg: DictConfig) -> None:
-        if not resume:
-            run = validate(cfg)
-            if sweep:
-                prepare(run)
-
-    return check
-
-
 def main() -> None:
     """`cnnlab [overrides]` trains; `cnnlab models ...` lists the model zoo; `cnnlab report DIR` compares runs;
     `cnnlab evaluate run=DIR` scores a checkpoint on a test set; `cnnlab predict run=DIR images=...` classifies images."""
+    usercode.export_cwd()  # the user's modules (model._target_=mynet.TinyVGG) import here and in every worker
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         sys.exit(importlib.import_module(SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:]))
     message = missing_launcher_message(sys.argv[1:])
@@ -154,18 +63,18 @@ def main() -> None:
         print(message, file=sys.stderr)
         sys.exit(2)
     try:
-        argv = resume_argv(sys.argv[1:])
-        jobs = check_command_line(argv, _job_check(argv))  # every job composed and checked before anything runs
-        if len(jobs) > 1:  # for the sweep's jobs, in whatever process a launcher runs them
-            os.environ[SWEEP_KEYS_ENV] = ",".join(varying_keys(jobs))  # job directories are named by what varies
-            os.environ[SWEEP_COMMAND_ENV] = shlex.join(sys.argv[1:])  # what a stopped sweep is re-run with
+        argv = checked_command_line(sys.argv[1:], os.environ)
         sys.argv[1:] = distributed.rank_argv(argv, distributed.world_from_env())
     except ConfigError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's switch for the traceback, when debugging
             traceback.print_exc()
         print(err, file=sys.stderr)
         sys.exit(2)
-    _hydra_main()
+    try:
+        _hydra_main()
+    except Refused as err:  # a Hydra callback refused the run before it began
+        print(err.message, file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Building a run from its validated config: device, seeds, determinism, dataset spec, pipeline,
-model, loss and the StepContext. Training (train.py) and inference (inference.py) both build
+model, loss and the StepContext. Training (fit.py) and inference (inference.py) both build
 here, so a checkpoint opens into exactly the model and pipeline that trained it.
 
 This is the layer that reads the run config; the rooms below it (engine, doctor, data, models)
@@ -94,7 +94,7 @@ def _check_memory(run: RunConfig, shape: tuple[int, int, int], num_classes: int,
     batch = run.trainer.batch_size
     found = footprint(lambda: build_model(run.model, shape[0], num_classes, shape[1:]), (batch, *shape))
     slots = 2 if run.optimizer.name in ("adam", "adamw", "radam") else 1  # per-weight optimizer state
-    check_fits(f"training {run.model.name} ({found.params:,} parameters) on {'x'.join(map(str, shape))} images "
+    check_fits(f"training {run.model.label()} ({found.params:,} parameters) on {'x'.join(map(str, shape))} images "
                f"at trainer.batch_size={batch}", found.training_bytes(slots), device,
                "lower the model's sizes, the image size (the augmentation's resize) or trainer.batch_size")
 
@@ -133,9 +133,9 @@ def doctor_settings(run: RunConfig, num_classes: int) -> Settings:
 
 def model_card_logged(run: RunConfig, prep: Prepared) -> ModelCard:
     """The model card, with its headline numbers on the console."""
-    card = model_card(prep.model, run.model.name, prep.pipeline.output_shape, prep.spec.num_classes)
+    card = model_card(prep.model, run.model.label(), prep.pipeline.output_shape, prep.spec.num_classes)
     log.info("model %s: %s parameters (%.2f MB), %s MACs per image, input %s, device %s",
-             run.model.name, f"{card.params_total:,}", card.model_size_mb, human(card.macs_per_image),
+             run.model.label(), f"{card.params_total:,}", card.model_size_mb, human(card.macs_per_image),
              "x".join(map(str, card.input_shape)), prep.device)
     if card.reference_line:
         log.info("reference: %s", card.reference_line)

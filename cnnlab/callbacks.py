@@ -13,6 +13,15 @@ from cnnlab.checks import ConfigError, unwritable_reason
 from cnnlab.rundir import holds_a_run, note_new
 
 
+class Refused(SystemExit):
+    """A run or sweep refused before it began: exit status 2 with `message` (the CLI prints it; the
+    Python API raises it as a ConfigError). A SystemExit, so Hydra passes it through untouched."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
 class SweepStatus(Callback):
     """After a multirun: the comparison report, one line per job, and exit status 1 if any job failed.
 
@@ -75,9 +84,8 @@ class OutputDirCheck(Callback):
             except OSError as err:
                 reason = err.strerror or str(err)
         if reason:
-            print(f"{key}={path} cannot be created: {reason}. Run from a directory you can write to, "
-                  f"or choose another location with {key}=<dir>.", file=sys.stderr)
-            sys.exit(2)
+            raise Refused(f"{key}={path} cannot be created: {reason}. Run from a directory you can write to, "
+                          f"or choose another location with {key}=<dir>.")
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
@@ -85,10 +93,9 @@ class OutputDirCheck(Callback):
         self._check(config, "hydra.run.dir")
         if not OmegaConf.select(config, "trainer.resume", default=None) and holds_a_run(run_dir):
             # before Hydra writes its config and log there: the run in it stays as it was
-            print(f"hydra.run.dir={run_dir} already holds a run; a new run never writes into it. Continue that run "
-                  f"with trainer.resume={run_dir}, or give the new one its own directory (leave hydra.run.dir out "
-                  f"for a fresh one under outputs/runs/).", file=sys.stderr)
-            sys.exit(2)
+            raise Refused(f"hydra.run.dir={run_dir} already holds a run; a new run never writes into it. Continue that "
+                          f"run with trainer.resume={run_dir}, or give the new one its own directory (leave "
+                          f"hydra.run.dir out for a fresh one under outputs/runs/).")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config, "hydra.sweep.dir")

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cnnlab import losses, models, optim
+from cnnlab import losses, models, optim, usercode
 from cnnlab.checks import ConfigError, check_choice, check_range
 from cnnlab.data import DatasetConfig
 from cnnlab.data import schema_for as dataset_schema
@@ -106,6 +106,7 @@ class RunConfig:
     viz: VizConfig
     report: ReportConfig
     logger: LoggerConfig = dataclasses.field(default_factory=LoggerConfig)  # experiment trackers; none by default
+    imports: list[str] = dataclasses.field(default_factory=list)  # the user's modules, imported first
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,6 +135,7 @@ def typed_group(group: str, node: Any) -> Any:
     OmegaConf's type and unknown-key errors become ConfigErrors naming the full key.
     """
     schema = SCHEMAS[group](node.get("name"))  # trainer, viz, report and logger have no name
+    node = _gather_extra_keys(schema, node)
     try:
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except OmegaConfBaseException as err:
@@ -148,15 +150,41 @@ def typed_group(group: str, node: Any) -> Any:
     return obj
 
 
+def _gather_extra_keys(schema: type, node: Any) -> Any:
+    """A schema with EXTRA_KEYS (model=custom, dataset=custom) takes keys it does not define, added with
+    `+model.<key>=...`, into that dict field: they are the arguments of the user's own code."""
+    extra = getattr(schema, "EXTRA_KEYS", None)
+    if not extra:
+        return node
+    plain = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else dict(node)
+    known = {f.name for f in dataclasses.fields(schema)}
+    gathered = dict(plain.get(extra) or {})
+    gathered.update({k: v for k, v in plain.items() if k not in known})
+    return {**{k: v for k, v in plain.items() if k in known}, extra: gathered}
+
+
+def import_user_modules(cfg: DictConfig) -> list[str]:
+    """`imports: [mymodels]`: modules imported before the config is checked, so the models and datasets
+    they register (@cnnlab.register_model) are known here, in every sweep worker, and in evaluate."""
+    names = cfg.get("imports") or []
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"imports={names!r} must be a list of module names, e.g. 'imports=[mymodels]'")
+    for name in names:
+        usercode.import_module(name, f"imports={list(names)}")
+    return list(names)
+
+
 def validate(cfg: DictConfig) -> RunConfig:
     """Check every group of a composed config and return it as typed dataclasses."""
-    unknown = sorted(set(cfg.keys()) - set(SCHEMAS))
+    unknown = sorted(set(cfg.keys()) - set(SCHEMAS) - {"imports"})
     if unknown:
-        raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(SCHEMAS)}")
+        raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(SCHEMAS)}, imports")
+    imports = import_user_modules(cfg)
     missing = [g for g in SCHEMAS if g not in cfg and g not in OPTIONAL_GROUPS]
     if missing:
         raise ConfigError(f"config group(s) {', '.join(missing)} missing; select one, e.g. {missing[0]}=...")
-    run = RunConfig(**{group: typed_group(group, cfg[group] if group in cfg else {}) for group in SCHEMAS})
+    run = RunConfig(**{group: typed_group(group, cfg[group] if group in cfg else {}) for group in SCHEMAS},
+                    imports=imports)
     _check_finite(run.to_dict(), "")
     if run.scheduler.warmup_epochs >= run.trainer.epochs:
         raise ConfigError(

@@ -3,7 +3,7 @@
 Loss and accuracy accumulate in device tensors and are read back once per epoch; augmentation
 runs per sample but in whole batches on the device (StepContext.inputs). No PIL and no
 per-sample Python in the hot loop. Nothing here knows about configs, files or run directories:
-train.py, the doctor and inference all build a StepContext (build.py) and call in here.
+fit.py, the doctor and inference all build a StepContext (build.py) and call in here.
 """
 from __future__ import annotations
 

@@ -122,7 +122,7 @@ def run_evaluation(args: dict[str, list[str]], argv: list[str]) -> tuple[dict[st
         "run": str(opened.run_dir),
         "checkpoint": str(opened.checkpoint),
         "checkpoint_epoch": opened.epoch,
-        "model": opened.run.model.name,
+        "model": opened.run.model.label(),
         "trained_on": opened.spec.name,
         "dataset": cfg.name,
         "dataset_config": dataclasses.asdict(cfg),

@@ -77,7 +77,7 @@ class OpenRun:
 
     def describe(self) -> str:
         where = self.checkpoint.relative_to(self.run_dir) if self.checkpoint.is_relative_to(self.run_dir) else self.checkpoint
-        return f"{self.run.model.name} (epoch {self.epoch}, {where})"
+        return f"{self.run.model.label()} (epoch {self.epoch}, {where})"
 
 
 def run_directory(path: str | None) -> Path:
@@ -147,7 +147,7 @@ def open_run(run_dir: str | Path | None, checkpoint: str = "best", device: str |
     try:
         prep.model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as err:
-        raise ConfigError(f"{path}: the weights do not fit the {run.model.name} its config builds "
+        raise ConfigError(f"{path}: the weights do not fit the {run.model.label()} its config builds "
                           f"(written by another cnnlab version?): {str(err).splitlines()[0]}") from None
     model = prep.model.to(prep.device)
     if run.trainer.channels_last:

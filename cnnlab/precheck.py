@@ -53,6 +53,12 @@ def check_command_line(argv: list[str], check_job: Callable[[DictConfig], None] 
     return jobs
 
 
+def compose_job(overrides: list[str]) -> DictConfig:
+    """One job's config, as a run gets it (Hydra's own node left out); ConfigError for bad overrides."""
+    with _hydra():
+        return _task(_compose(overrides))
+
+
 @contextmanager
 def _hydra() -> Iterator[None]:
     GlobalHydra.instance().clear()

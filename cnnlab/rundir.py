@@ -46,6 +46,11 @@ def unique_dir(base: str) -> str:
     return candidate
 
 
+def forget_claims() -> None:
+    """A new run in this process (the Python API's next call): claim afresh, do not reuse the last one."""
+    _claimed.clear()
+
+
 def note_new(path: Path) -> None:
     """Before Hydra creates a run directory: remember it as this process's if it is not there yet."""
     path = Path(path).resolve()

@@ -1,6 +1,6 @@
 """Experiment trackers (the `logger` config group): mirror a run into TensorBoard and/or MLflow.
 
-Hook points, all called by cnnlab.train.fit on the process that writes files:
+Hook points, all called by cnnlab.fit.fit on the process that writes files:
     trackers = open_trackers(cfg, config, run_dir, summary, resumed)  # before training; may resume a tracker run
     trackers.log_epoch(row)                                           # after each metrics.csv row
     trackers.close(summary, run_dir)                                  # at the end, whatever the status

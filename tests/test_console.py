@@ -34,7 +34,7 @@ def test_final_table_reports_the_runs_own_results_and_no_bar_outside_a_terminal(
 def test_progress_bar_is_drawn_on_a_terminal(tmp_path):
     """The same run inside a pseudo-terminal draws the per-epoch bar (its 2 s delay set to 0 here,
     so the tiny epoch is long enough to show it)."""
-    code = ("import sys; import cnnlab.train as t; t.PROGRESS_DELAY_S = 0; from cnnlab.__main__ import main; "
+    code = ("import sys; import cnnlab.fit as t; t.PROGRESS_DELAY_S = 0; from cnnlab.__main__ import main; "
             f"sys.argv = ['cnnlab', '+debug=smoke', 'trainer.progress=true', 'hydra.run.dir={tmp_path / 'run'}']; main()")
     controller, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column window, as a real one has

@@ -59,8 +59,8 @@ elif kind == "metrics_row":  # half of a metrics.csv row written
         hit()
         return append(run_dir, row)
     report.append_metrics = torn
-elif kind == "call":  # the nth call of cnnlab.train.<target>
-    import cnnlab.train as train
+elif kind == "call":  # the nth call of cnnlab.fit.<target>
+    import cnnlab.fit as train
     original = getattr(train, target)
     def called(*args, **kwargs):
         hit()

@@ -15,7 +15,7 @@ from cnnlab.data.registry import DatasetConfig, DatasetSpec, Loaded, available, 
 from cnnlab.data.splits import FileSplit, Split
 
 # Importing the built-in datasets registers them.
-from cnnlab.data import folders, sources, synthetic  # noqa: E402,F401  (isort: skip)
+from cnnlab.data import custom, folders, sources, synthetic  # noqa: E402,F401  (isort: skip)
 from cnnlab.data.folders import ImageFolderConfig, TinyImageNetConfig  # noqa: E402
 from cnnlab.data.synthetic import SyntheticConfig  # noqa: E402
 

@@ -12,12 +12,15 @@ from dataclasses import dataclass, is_dataclass
 
 from torch import nn
 
-from cnnlab.checks import check_choice, check_range
+from cnnlab import usercode
+from cnnlab.checks import ConfigError, check_choice, check_range
 from cnnlab.models.layers import ACTIVATIONS, INIT_SCHEMES, check_input_size, init_weights
 
 Builder = Callable[..., nn.Module]  # fn(cfg, in_channels, num_classes, input_size) -> nn.Module
 
 _REGISTRY: dict[str, tuple[Builder, type["ModelConfig"]]] = {}
+_ORIGIN: dict[str, str] = {}  # name -> who registered it (a dotted path), for the message of a clash
+ENTRY_POINTS = "cnnlab.models"  # installed packages offer models here: name = "pkg.module:Class" (or a module)
 
 
 @dataclass
@@ -38,28 +41,58 @@ class ModelConfig:
         check_choice(f"{prefix}.batch_norm", self.batch_norm, (True, False))
         check_choice(f"{prefix}.init", self.init, INIT_SCHEMES)
 
+    def label(self) -> str:
+        """The model as logs, the card and summary.json name it."""
+        return self.name
 
-def register(name: str, schema: type[ModelConfig]) -> Callable[[Builder], Builder]:
-    """Decorator: register `builder(cfg, in_channels, num_classes, input_size)` under `name`."""
+
+def register(name: str, schema: type[ModelConfig], *, replace: bool = False,
+             origin: str | None = None) -> Callable[[Builder], Builder]:
+    """Decorator: register `builder(cfg, in_channels, num_classes, input_size)` under `name`.
+
+    A name already taken is a ConfigError unless `replace`; the same origin registering again (a
+    notebook cell run twice, a module reloaded) replaces its own entry."""
     if not (isinstance(schema, type) and issubclass(schema, ModelConfig) and is_dataclass(schema)):
         raise TypeError(f"schema for {name!r} must be a dataclass subclass of ModelConfig, got {schema!r}")
 
     def decorator(builder: Builder) -> Builder:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered")
+        source = origin or usercode.dotted_name(getattr(builder, "func", builder))  # a partial: its function
+        taken = _ORIGIN.get(name)
+        if name in _REGISTRY and not replace and taken != source:
+            whose = "a cnnlab built-in" if taken and taken.startswith("cnnlab.") else f"registered by {taken}"
+            raise ConfigError(f"model name {name!r} is taken ({whose}); register yours under another name, or pass "
+                              f"replace=True to register_model to replace it")
         _REGISTRY[name] = (builder, schema)
+        _ORIGIN[name] = source
         return builder
 
     return decorator
 
 
 def available() -> list[str]:
-    """Registered model names, sorted."""
+    """Registered model names, sorted; installed packages' entry points are loaded the first time."""
+    _load_entry_points()
     return sorted(_REGISTRY)
+
+
+def _load_entry_points() -> None:
+    """Entry points of group cnnlab.models: a module (importing it registers its models) or a class or
+    function, registered under the entry point's name. Loaded once, when a name is first looked up."""
+    for name, obj in usercode.load_entry_points(ENTRY_POINTS):
+        if callable(obj) and name not in _REGISTRY:
+            from cnnlab.models.custom import register_model
+
+            try:
+                register_model(name)(obj)
+            except (ConfigError, TypeError, ValueError) as err:
+                usercode.ENTRY_POINT_FAILURES[f"{ENTRY_POINTS}:{name}"] = f"entry point {name}: {err}"
 
 
 def schema_for(name: str) -> type[ModelConfig]:
     """The config dataclass of model `name`; ConfigError listing the valid names otherwise."""
+    failed = usercode.ENTRY_POINT_FAILURES.get(f"{ENTRY_POINTS}:{name}")
+    if name not in available() and failed:
+        raise ConfigError(f"model.name={name!r} comes from an installed package whose {failed}")
     check_choice("model.name", name, available())
     return _REGISTRY[name][1]
 
@@ -80,7 +113,7 @@ def build_model(
     check_range("num_classes", num_classes, 1)
     input_size = check_input_size(input_size)
     model = builder(cfg, in_channels, num_classes, input_size)
-    init_weights(model, cfg.init, cfg.activation)
+    init_weights(model, cfg.init, cfg.activation or "relu")  # a user's model may leave activation unset
     return model
 
 
@@ -94,12 +127,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 # Importing the families registers them; at the bottom because they import register/ModelConfig from here.
 from cnnlab.models import alexnet, cifarnet, convnet, googlenet, lenet, nin, resnet, vgg  # noqa: E402,F401
+from cnnlab.models import custom  # noqa: E402,F401  (model=custom; register_model for users)
+from cnnlab.models.custom import UserModelConfig, register_model  # noqa: E402
 
 __all__ = [
     "ModelConfig",
+    "UserModelConfig",
     "available",
     "build_model",
     "count_parameters",
     "register",
+    "register_model",
     "schema_for",
 ]

@@ -1,7 +1,10 @@
-"""`python -m cnnlab.models` / `cnnlab models`: every model with its size and compute for a dataset.
+"""`python -m cnnlab.models` / `cnnlab models`: every model with its size and compute for a dataset,
+or one model's card, configured with the training command line's overrides.
 
-    python -m cnnlab.models --dataset cifar10             # table sorted by parameters
-    python -m cnnlab.models --dataset cifar10 --near alexnet   # closest in size to AlexNet first
+    cnnlab models --dataset cifar10                        # table sorted by parameters
+    cnnlab models --dataset cifar10 --near alexnet         # closest in size to AlexNet first
+    cnnlab models model=vgg11 'model.arch=[[1,64],[2,128]]' --dataset cifar10   # that model's card
+    cnnlab models model=custom model._target_=mynet.TinyVGG +model.width=64     # your own model's card
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import pandas as pd
 
 from cnnlab.checks import ConfigError
 from cnnlab.cli import Parser, fail
-from cnnlab.config import model_defaults, typed_group
+from cnnlab.config import model_defaults, typed_group, validate
 from cnnlab.data import available as datasets
 from cnnlab.data import spec_for
 from cnnlab.models import available, build_model
@@ -63,18 +66,38 @@ def format_table(table: pd.DataFrame) -> str:
     return shown.fillna("").to_markdown(index=False)
 
 
+def card_text(overrides: list[str]) -> str:
+    """The model card of the model these training overrides configure, built for their dataset."""
+    from cnnlab.build import prepare  # the training build: exactly the model a run would train
+    from cnnlab.precheck import compose_job
+
+    run = validate(compose_job(overrides))
+    prep = prepare(run, training=False)
+    return model_card(prep.model, run.model.label(), prep.pipeline.output_shape, prep.spec.num_classes).text()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="cifar10", choices=datasets(),
-                        help="size the models for this dataset's images and classes (default: cifar10)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="training overrides (model=vgg11 model.dropout=0.3 ...): print that model's card")
+    parser.add_argument("--dataset", default=None, choices=datasets(),
+                        help="size the models for this dataset's images and classes (default: cifar10; with "
+                             "overrides: the training default, or dataset=... among them)")
     parser.add_argument("--sort", default="params", choices=SORT_KEYS, help="sort order (default: params)")
     parser.add_argument("--near", metavar="MODEL", choices=available(),
                         help="sort by closeness in parameter count to this model")
     parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_intermixed_args(argv)
     except ConfigError as err:
         return fail(PROG, err)
+    if args.overrides:
+        try:
+            print(card_text(args.overrides + ([f"dataset={args.dataset}"] if args.dataset else [])), end="")
+        except ConfigError as err:
+            return fail(PROG, err)
+        return 0
+    args.dataset = args.dataset or "cifar10"
     try:
         table = model_table(args.dataset)
     except ConfigError as err:  # image_folder takes its shape from files: it needs a dataset.root to list for

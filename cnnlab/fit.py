@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from cnnlab import distributed, doctor, report, viz
+from cnnlab import distributed, doctor, notebook, report, viz
 from cnnlab.build import (
     Prepared, configure_determinism, doctor_settings, model_card_logged, prepare, step_context, step_model,
 )
@@ -110,7 +109,7 @@ def _fit(run: RunConfig, run_dir: Path, overrides: list[str], record: RunRecord,
         torch.set_num_threads(run.trainer.num_threads)
     prep = prepare(run)  # the config-time checks that need the dataset's shape, before the run begins
     if not run.trainer.resume:
-        record.begin(run.model.name, run.dataset.name, run.to_dict())
+        record.begin(run.model.label(), run.dataset.name, run.to_dict())
     trackers = Trackers()
     try:
         if world.is_main:  # under torchrun only rank 0 writes files
@@ -196,7 +195,7 @@ def _resume(s: TrainState, overrides: list[str]) -> None:
                 log.info("removed %s, a file a killed process was writing", path)
     ckpt = {"epoch": 0, "step": 0}
     if point.checkpoint is not None:
-        ckpt = restore(point.checkpoint, s.model, s.optimizer, s.scheduler, s.generator, s.run.model.name,
+        ckpt = restore(point.checkpoint, s.model, s.optimizer, s.scheduler, s.generator, s.run.model.label(),
                        t.epochs, s.device)
         s.best_acc, s.best_epoch = ckpt.get("best_val_acc", -1.0), ckpt.get("best_epoch", ckpt["epoch"])
         s.train_seconds = ckpt.get("train_seconds", 0.0)
@@ -254,8 +253,8 @@ def _train_epoch(s: TrainState, epoch: int) -> EpochState:
     t = s.run.trainer
     state, s.partial = s.partial or EpochState.begin(s.batches, s.optimizer, s.device), None
     tic = time.perf_counter()
-    show = t.progress and sys.stderr.isatty() and s.world.is_main
-    with tqdm(total=len(s.batches), initial=state.step, desc=f"epoch {epoch}/{t.epochs}", leave=False,
+    show = t.progress and (sys.stderr.isatty() or notebook.in_notebook()) and s.world.is_main
+    with notebook.progress_bar()(total=len(s.batches), initial=state.step, desc=f"epoch {epoch}/{t.epochs}", leave=False,
               delay=PROGRESS_DELAY_S, disable=not show, file=sys.stderr) as bar:
         run_steps(s.step_model, s.batches, s.ctx, s.optimizer, s.scheduler, state, bar, s.stopping, t.grad_clip)
     elapsed = time.perf_counter() - tic
@@ -364,9 +363,9 @@ def _finish(s: TrainState) -> None:
             if s.prep.viz_layer:
                 panels = head(s.data.test, s.run.viz.num_images, s.device)
                 feature_maps = viz.draw_feature_maps(s.run_dir / "feature_maps.png", s.model, s.prep.viz_layer,
-                                                     panels, s.ctx, s.spec.classes, s.run.viz.channels, s.run.model.name)
+                                                     panels, s.ctx, s.spec.classes, s.run.viz.channels, s.run.model.label())
     if s.world.is_main:
-        report.plot_curves(s.run_dir, title=f"{s.run.model.name} on {s.spec.name}")
+        report.plot_curves(s.run_dir, title=f"{s.run.model.label()} on {s.spec.name}")
     s.record.finished(feature_maps)
 
 
