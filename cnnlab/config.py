@@ -174,6 +174,29 @@ def import_user_modules(cfg: DictConfig) -> list[str]:
     return list(names)
 
 
+def offer_registered_models(argv: list[str]) -> None:
+    """Before Hydra composes: the modules an `imports=[...]` override names are imported, and every model
+    registered in Python (@cnnlab.register_model, entry points) becomes a `model=<name>` option, with its
+    schema's defaults as its config in Hydra's ConfigStore (a YAML of that name, shipped or in the user's
+    --config-dir, comes first)."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    for text in argv:
+        if text.lstrip("+").startswith("imports="):
+            try:
+                value = OverridesParser.create().parse_override(text).value()
+            except HydraException:
+                continue  # not parseable: the command-line check reports it
+            import_user_modules(OmegaConf.create({"imports": value if isinstance(value, list) else [value]}))
+    shipped = {p.stem for p in (Path(config_dir()) / "model").glob("*.yaml")}
+    for name in models.available():
+        if name not in shipped:
+            node = OmegaConf.to_container(OmegaConf.structured(models.schema_for(name)))
+            ConfigStore.instance().store(group="model", name=name, node=node)
+
+
 def validate(cfg: DictConfig) -> RunConfig:
     """Check every group of a composed config and return it as typed dataclasses."""
     unknown = sorted(set(cfg.keys()) - set(SCHEMAS) - {"imports"})

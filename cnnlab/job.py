@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from cnnlab import distributed
 from cnnlab.build import prepare
 from cnnlab.checks import ConfigError
-from cnnlab.config import validate
+from cnnlab.config import offer_registered_models, validate
 from cnnlab.interrupt import Interrupted
 from cnnlab.launch import job_placement
 from cnnlab.precheck import check_command_line, varying_keys
@@ -138,6 +138,7 @@ def _job_check(argv: list[str]) -> Callable[[DictConfig], None]:
 def checked_command_line(argv: list[str], env: MutableMapping[str, str]) -> list[str]:
     """The command line with trainer.resume made safe, every job composed and checked (ConfigError
     otherwise); for a sweep, `env` gets what its jobs' directories and its stop message need."""
+    offer_registered_models(argv)  # `model=<name>` for models registered in Python
     given, argv = argv, resume_argv(argv)
     jobs = check_command_line(argv, _job_check(argv))  # every job composed and checked before anything runs
     if len(jobs) > 1:  # for the sweep's jobs, in whatever process a launcher runs them

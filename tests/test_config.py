@@ -35,9 +35,14 @@ def resize_override(model: str) -> list[str]:
     return [f"augmentation.ops=[{{op: resize, size: {RESIZE_FOR[model]}}}, normalize]"]
 
 
+# the options that select the user's own code need its dotted path (tests/user_modules.py)
+USER_CODE = {"model=custom": ["model._target_=user_modules.Net"], "dataset=custom": ["dataset._target_=user_modules.data"]}
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in config_options(g)])
 def test_every_group_option_composes_validates_and_builds(group, option, tmp_path):
     extra = resize_override(option) if group == "model" else []
+    extra += USER_CODE.get(f"{group}={option}", [])
     if (group, option) == ("dataset", "image_folder"):  # the one dataset without a default location
         extra = [f"dataset.root={make_folder(tmp_path, {'train': {'cat': 2, 'dog': 2}, 'val': {'cat': 1, 'dog': 1}})}"]
     run = validate(compose_config(f"{group}={option}", "trainer.device=cpu", *extra))
@@ -52,7 +57,7 @@ def test_every_group_option_composes_validates_and_builds(group, option, tmp_pat
 @pytest.mark.parametrize("augmentation", config_options("augmentation"))
 def test_models_build_for_every_dataset_and_augmentation(model, dataset, augmentation):
     run = validate(compose_config(f"model={model}", f"dataset={dataset}", f"augmentation={augmentation}",
-                                  "trainer.device=cpu"))
+                                  "trainer.device=cpu", *USER_CODE.get(f"model={model}", [])))
     if model in RESIZE_FOR:  # too small as is: a clear config-time error, then the resize that fixes it
         with pytest.raises(ConfigError, match="minimum is"):
             prepare(run)

@@ -133,10 +133,11 @@ def assert_split_format(split, shape):
 
 
 def test_available_and_schemas():
-    assert available() == ["cifar10", "cifar100", "fashion_mnist", "image_folder", "mnist", "synthetic", "tiny_imagenet"]
+    assert available() == ["cifar10", "cifar100", "custom", "fashion_mnist", "image_folder", "mnist", "synthetic",
+                           "tiny_imagenet"]
     assert schema_for("synthetic") is SyntheticConfig
     assert schema_for("mnist") is DatasetConfig
-    with pytest.raises(ConfigError, match=r"dataset\.name.*cifar10, cifar100, fashion_mnist, image_folder, mnist, synthetic, tiny_imagenet"):
+    with pytest.raises(ConfigError, match=r"dataset\.name.*cifar10, cifar100, custom, fashion_mnist, image_folder, mnist, synthetic, tiny_imagenet"):
         schema_for("imagenet")
 
 

@@ -12,7 +12,7 @@ import torchvision
 
 from cnnlab.checks import ConfigError
 from cnnlab.config import model_defaults, validate
-from cnnlab.models import available, build_model
+from cnnlab.models import build_model, zoo
 from cnnlab.models.__main__ import model_table
 from cnnlab.models.card import REFERENCES, model_card
 from cnnlab.build import prepare
@@ -75,7 +75,7 @@ def test_card_compares_with_the_original_alexnet():
 
 def test_model_table_lists_every_model_with_its_real_counts():
     table = model_table("cifar10").set_index("model")
-    assert sorted(table.index) == available()
+    assert sorted(table.index) == zoo()
     for name in ("lenet", "vgg11", "resnet18"):
         model = build_model(model_defaults(name), 3, 10, (32, 32))
         assert table.loc[name, "params"] == sum(p.numel() for p in model.parameters())
@@ -92,7 +92,7 @@ def test_models_command_writes_a_csv_and_sorts_by_closeness(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "| alexnet" in result.stdout
     table = pd.read_csv(csv)
-    assert sorted(table["model"]) == available()
+    assert sorted(table["model"]) == zoo()
     assert table["model"].iloc[0] == "alexnet" and table["vs_near"].iloc[0] == pytest.approx(1.0)
     distance = (table["params"] - table["params"].iloc[0]).abs().dropna()
     assert distance.is_monotonic_increasing

@@ -15,6 +15,7 @@ from cnnlab.models import (
     build_model,
     count_parameters,
     schema_for,
+    zoo,
 )
 from cnnlab.models.layers import ACTIVATIONS, make_activation
 from cnnlab.models.lenet import LeNet, LeNetConfig
@@ -43,11 +44,12 @@ def forward_backward(model: nn.Module, shape: tuple[int, int, int], num_classes:
 
 
 def test_registry_names():
-    assert available() == [
+    assert zoo() == [
         "alexnet", "alexnet_original", "cifarnet", "convnet5", "googlenet", "lenet", "nin",
         "resnet11", "resnet18", "resnet20", "resnet26", "resnet34", "resnet50",
         "vgg11", "vgg13", "vgg16", "vgg19", "vgg_tiny",
     ]
+    assert available() == sorted([*zoo(), "custom"])  # model=custom: the user's own, by model._target_
     assert schema_for("lenet") is LeNetConfig
     assert schema_for("vgg16") is VGGConfig
     assert schema_for("resnet34") is ResNetConfig
@@ -58,7 +60,7 @@ MIN_SIDE = {"alexnet_original": 63}
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 64, 64)], ids=["1x28x28", "3x32x32", "3x64x64"])
-@pytest.mark.parametrize("name", available())
+@pytest.mark.parametrize("name", zoo())
 def test_every_model_forward_backward(name, shape):
     torch.manual_seed(0)
     side = MIN_SIDE.get(name, 1)
@@ -194,7 +196,12 @@ def test_model_config_helper_wraps_omegaconf_errors():
 
 @pytest.mark.parametrize("path", sorted(CONF_MODEL_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_model_configs_validate(path):
-    cfg = typed_group("model", OmegaConf.load(path))
+    node = OmegaConf.load(path)
+    if path.stem == "custom":  # a slot: it names no model until model._target_ does
+        with pytest.raises(ConfigError, match=r"model=custom needs model._target_=<module.Class>"):
+            typed_group("model", node)
+        node._target_ = "user_modules.Net"
+    cfg = typed_group("model", node)
     assert isinstance(cfg, schema_for(cfg.name)) and cfg.name == path.stem
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from cnnlab.checks import ConfigError
 from cnnlab.config import model_defaults, validate
 from cnnlab.data.sources import read_idx
-from cnnlab.models import available, build_model
+from cnnlab.models import build_model, zoo
 from cnnlab.optim import build_optimizer
 
 from conftest import FASHION_MNIST_SYSTEM_DIR, compose_config
@@ -40,7 +40,7 @@ def build_for_smallest_size(name: str) -> tuple[torch.nn.Module, int]:
     raise AssertionError(f"{name} builds for none of {SIZES}")
 
 
-@pytest.mark.parametrize("name", available())
+@pytest.mark.parametrize("name", zoo())
 def test_model_trains_with_its_defaults(name, real_batch):
     torch.manual_seed(0)
     model, size = build_for_smallest_size(name)

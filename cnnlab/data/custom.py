@@ -101,7 +101,8 @@ def _split(part: Any, where: str) -> Split:
         raise ConfigError(f"{where}: {len(images)} images but labels of shape {tuple(labels.shape)}; give one "
                           f"integer label per image")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
-        raise ConfigError(f"{where}: labels are {labels.dtype}; give integer class indices 0..classes-1")
+        raise ConfigError(f"{where}: labels are {str(labels.dtype).removeprefix('torch.')}; give integer class "
+                          f"indices 0..classes-1")
     if len(images) == 0:
         raise ConfigError(f"{where} is empty; every split needs images")
     return Split(images.contiguous(), labels.to(torch.int64).contiguous())
@@ -122,7 +123,8 @@ def _uint8(images: torch.Tensor, where: str, scale_floats: bool) -> torch.Tensor
     low = float(images.min()) if images.numel() else 0.0
     hint = (" they look normalized (values below 0): leave normalization to cnnlab, which uses the mean and std "
             "it measures" if low < 0 else " e.g. (x * 255).round().to(torch.uint8) for floats in [0, 1]")
-    raise ConfigError(f"{where}: images are {images.dtype}; give uint8 pixels 0..255;{hint}")
+    kind = str(images.dtype).removeprefix("torch.")
+    raise ConfigError(f"{where}: images are {kind}; give uint8 pixels 0..255;{hint}")
 
 
 def _layout(images: torch.Tensor, where: str) -> torch.Tensor:

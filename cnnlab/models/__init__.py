@@ -75,6 +75,14 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+SLOTS = ("custom",)  # names that select a model given elsewhere (model._target_), not a model of their own
+
+
+def zoo() -> list[str]:
+    """The models that build from their name alone: what `cnnlab models` lists."""
+    return [name for name in available() if name not in SLOTS]
+
+
 def _load_entry_points() -> None:
     """Entry points of group cnnlab.models: a module (importing it registers its models) or a class or
     function, registered under the entry point's name. Loaded once, when a name is first looked up."""
@@ -139,4 +147,5 @@ __all__ = [
     "register",
     "register_model",
     "schema_for",
+    "zoo",
 ]

@@ -14,10 +14,10 @@ import pandas as pd
 
 from cnnlab.checks import ConfigError
 from cnnlab.cli import Parser, fail
-from cnnlab.config import model_defaults, typed_group, validate
+from cnnlab.config import model_defaults, offer_registered_models, typed_group, validate
 from cnnlab.data import available as datasets
 from cnnlab.data import spec_for
-from cnnlab.models import available, build_model
+from cnnlab.models import build_model, zoo
 from cnnlab.models.card import human, model_card
 
 PROG = "cnnlab models"
@@ -29,7 +29,7 @@ def model_table(dataset: str) -> pd.DataFrame:
     spec = spec_for(typed_group("dataset", {"name": dataset}))
     shape = (spec.channels, spec.height, spec.width)
     rows = []
-    for name in available():
+    for name in zoo():
         try:
             model = build_model(model_defaults(name), spec.channels, spec.num_classes, shape[1:])
         except ConfigError as err:  # e.g. alexnet_original needs larger images
@@ -71,6 +71,7 @@ def card_text(overrides: list[str]) -> str:
     from cnnlab.build import prepare  # the training build: exactly the model a run would train
     from cnnlab.precheck import compose_job
 
+    offer_registered_models(overrides)
     run = validate(compose_job(overrides))
     prep = prepare(run, training=False)
     return model_card(prep.model, run.model.label(), prep.pipeline.output_shape, prep.spec.num_classes).text()
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="size the models for this dataset's images and classes (default: cifar10; with "
                              "overrides: the training default, or dataset=... among them)")
     parser.add_argument("--sort", default="params", choices=SORT_KEYS, help="sort order (default: params)")
-    parser.add_argument("--near", metavar="MODEL", choices=available(),
+    parser.add_argument("--near", metavar="MODEL", choices=zoo(),
                         help="sort by closeness in parameter count to this model")
     parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     try:
