@@ -9,7 +9,6 @@ import struct
 import subprocess
 import termios
 import sys
-from pathlib import Path
 
 from conftest import run_cnnlab
 

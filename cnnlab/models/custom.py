@@ -26,6 +26,7 @@ from cnnlab.models.layers import INIT_SCHEMES
 
 DIMENSIONS = ("in_channels", "num_classes", "image_size")  # given from the dataset, never config keys
 COMMON = ("activation", "dropout", "batch_norm")
+COMMON_TYPES = {"activation": str, "dropout": float, "batch_norm": bool}
 
 
 @dataclass
@@ -166,10 +167,12 @@ def schema_from_signature(name: str, factory: Any) -> type:
             continue
         default = "???" if param.default is param.empty else param.default
         kind = hints.get(param.name, Any)
-        if kind not in (int, float, bool, str) or (default is None and param.name not in COMMON):
-            kind = Optional[kind] if kind in (int, float, bool, str) else Any
         if param.name in COMMON:
-            kind = Optional[{"activation": str, "dropout": float, "batch_norm": bool}[param.name]]
+            kind = Optional[COMMON_TYPES[param.name]]
+        elif kind in (int, float, bool, str):  # OmegaConf checks these; anything else is taken as given
+            kind = Optional[kind] if default is None else kind
+        else:
+            kind = Any
         if isinstance(default, (list, dict, tuple)):
             fields.append((param.name, Any, field(default_factory=lambda d=default: copy.deepcopy(d))))
         else:

@@ -93,7 +93,8 @@ def curves_figure(metrics: pd.DataFrame, title: str = "") -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("accuracy" if metric == "acc" else "loss")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:  # a run that diverged in its first epoch has nothing to label
+            ax.legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()
