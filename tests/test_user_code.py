@@ -148,9 +148,9 @@ def test_a_users_model_file_trains_evaluates_predicts_and_resumes(user_dir: Path
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
 
 
-@pytest.mark.parametrize("launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+@pytest.mark.parametrize("launcher", [["hydra/launcher=basic"], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
                                       ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"]],
-                         ids=["joblib", "submitit_local"])
+                         ids=["basic", "joblib", "submitit_local"])
 def test_a_users_model_sweeps_with_workers_that_import_it(user_dir: Path, launcher: list[str]) -> None:
     """Each worker process imports mynet.py from the working directory, which only the parent was in."""
     result = cnnlab("-m", *launcher, "model=custom", "model._target_=mynet.TinyVGG", "+model.width=4",

@@ -90,7 +90,10 @@ def _names(parts: dict[str, Any]) -> Optional[list]:
 
 
 def _split(part: Any, where: str) -> Split:
-    if isinstance(part, (tuple, list)) and len(part) == 2:
+    arrays = isinstance(part, (tuple, list)) and part and isinstance(part[0], (torch.Tensor, np.ndarray, list))
+    if arrays and len(part) != 2:
+        raise ConfigError(f"{where} is a {type(part).__name__} of {len(part)} arrays; give (images, labels)")
+    if arrays:
         images, labels = (_tensor(p, where) for p in part)
         images = _layout(_uint8(images, where, scale_floats=False), where)
     elif hasattr(part, "__getitem__") and hasattr(part, "__len__"):
@@ -110,7 +113,7 @@ def _split(part: Any, where: str) -> Split:
 
 def _tensor(value: Any, where: str) -> torch.Tensor:
     try:
-        return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+        return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))  # a copy we own
     except (TypeError, ValueError, RuntimeError) as err:
         raise ConfigError(f"{where}: cannot be read as an array ({err})") from None
 
