@@ -52,10 +52,30 @@ SUBCOMMANDS = {
 }
 
 
+USAGE = """cnnlab: train convolutional networks from configs.
+
+  cnnlab [key=value ...]               train one run (cnnlab -m ... runs a sweep of comma lists)
+  cnnlab models [key=value ...]        the model zoo's sizes, or one model's card for these overrides
+  cnnlab report DIR [DIR ...]          compare runs and sweeps: tables, plots, sweep_summary.md
+  cnnlab evaluate run=DIR [...]        score a run's checkpoint on a test set
+  cnnlab predict run=DIR images=...    classify image files with a trained run
+  cnnlab <subcommand> --help           that subcommand's arguments
+  cnnlab --version                     the installed cnnlab's version
+
+The training command line is Hydra's:"""
+
+
 def main() -> None:
     """`cnnlab [overrides]` trains; `cnnlab models ...` lists the model zoo; `cnnlab report DIR` compares runs;
     `cnnlab evaluate run=DIR` scores a checkpoint on a test set; `cnnlab predict run=DIR images=...` classifies images."""
     usercode.export_cwd()  # the user's modules (model._target_=mynet.TinyVGG) import here and in every worker
+    if sys.argv[1:2] == ["--version"]:  # cnnlab's, not Hydra's
+        from cnnlab import __version__
+
+        print(f"cnnlab {__version__}")
+        sys.exit(0)
+    if sys.argv[1:2] in (["--help"], ["-h"]):  # the subcommands first, then Hydra's own help
+        print(USAGE)
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         sys.exit(importlib.import_module(SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:]))
     message = missing_launcher_message(sys.argv[1:])

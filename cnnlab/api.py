@@ -39,7 +39,7 @@ from cnnlab.callbacks import Refused
 from cnnlab.checks import ConfigError
 from cnnlab.config import config_dir
 from cnnlab.interrupt import Interrupted
-from cnnlab.job import checked_command_line, continue_command, run_job
+from cnnlab.job import checked_command_line, run_job
 from cnnlab.notebook import show_figures_inline
 
 log = logging.getLogger("cnnlab")
@@ -79,10 +79,13 @@ class Run:
 
     def plot(self) -> Any:
         """Loss and accuracy curves (a matplotlib Figure; shows inline in a notebook)."""
-        from cnnlab.report.run import curves_figure
+        from cnnlab.report.run import curves_figure, test_curve_note
 
-        summary = self.summary
-        return curves_figure(self.metrics, f"{summary.get('model') or ''} on {summary.get('dataset') or ''}")
+        summary, config = self.summary, self.config
+        error = (config.get("viz") or {}).get("curves") == "error"
+        tested = (config.get("trainer") or {}).get("test_every_epoch")
+        return curves_figure(self.metrics, f"{summary.get('model') or ''} on {summary.get('dataset') or ''}", error,
+                             test_curve_note(summary.get("best_epoch")) if tested else "")
 
     def confusion(self) -> Any:
         """The test confusion matrix (a matplotlib Figure); ConfigError before the run has one."""
@@ -188,7 +191,9 @@ def sweep(*overrides: str, sweep_dir: str | os.PathLike | None = None, model: An
                           "for a parallel launcher name its module instead: model=custom model._target_=mynet.TinyVGG")
     rundir.forget_claims()
     # named here, not by Hydra's ${now}: two sweeps started in the same second get two directories
-    directory = Path(sweep_dir or rundir.unique_dir(time.strftime("outputs/sweeps/%Y-%m-%d_%H-%M-%S")))
+    name = next((a.split("=", 1)[1] for a in args if a.startswith("name=")), None)  # a named sweep re-runs in place
+    directory = Path(sweep_dir or (f"outputs/sweeps/{name}" if name else
+                                   rundir.unique_dir(time.strftime("outputs/sweeps/%Y-%m-%d_%H-%M-%S"))))
     args.append(f"hydra.sweep.dir={_quoted(directory.expanduser().resolve())}")
     try:
         with _handed_over(model, args) as args:
@@ -265,18 +270,33 @@ def _hydra(args: list[str], multirun: bool) -> Any:
         app = Hydra.create_main_hydra2(task_name="train", config_search_path=create_config_search_path(config_dir()))
         with _environment(env), _logging_restored():
             if multirun:
-                return app.multirun(config_name="config", task_function=run_job, overrides=overrides)
-            return app.run(config_name="config", task_function=run_job, overrides=overrides)
+                return app.multirun(config_name="config", task_function=_job, overrides=overrides)
+            return app.run(config_name="config", task_function=_job, overrides=overrides)
     except Refused as err:
         raise ConfigError(err.message) from None
     except SystemExit as err:
         if not (multirun and err.code == 1):  # 1: jobs failed, which their own summary.json records
             raise
     except Interrupted as err:
-        raise KeyboardInterrupt(f"{err}: checkpoint saved. Continue with cnnlab.train(\"trainer.resume=...\") "
-                                f"(from a shell: {continue_command(Path('.'), multirun)})") from None
+        raise KeyboardInterrupt(f"{err}: checkpoint saved. Continue with {err.resume_call}") from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def _job(cfg: Any) -> Any:
+    """run_job, and on a stop the call that continues it (Hydra's own config is gone once it returns)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return run_job(cfg)
+    except Interrupted as err:
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            err.resume_call = f"the same cnnlab.sweep(...) call with sweep_dir={str(Path(hydra_cfg.sweep.dir).resolve())!r}"
+        else:
+            err.resume_call = f"cnnlab.train(\"trainer.resume={Path(hydra_cfg.runtime.output_dir).resolve()}\")"
+        raise
 
 
 @contextmanager

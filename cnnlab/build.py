@@ -133,7 +133,8 @@ def doctor_settings(run: RunConfig, num_classes: int) -> Settings:
 
 def model_card_logged(run: RunConfig, prep: Prepared) -> ModelCard:
     """The model card, with its headline numbers on the console."""
-    card = model_card(prep.model, run.model.label(), prep.pipeline.output_shape, prep.spec.num_classes)
+    card = model_card(prep.model, run.model.label(), prep.pipeline.output_shape, prep.spec.num_classes,
+                      run.model.is_standard_form())
     log.info("model %s: %s parameters (%.2f MB), %s MACs per image, input %s, device %s",
              run.model.label(), f"{card.params_total:,}", card.model_size_mb, human(card.macs_per_image),
              "x".join(map(str, card.input_shape)), prep.device)

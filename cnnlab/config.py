@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ def model_defaults(name: str) -> models.ModelConfig:
     path = Path(config_dir()) / "model" / f"{name}.yaml"
     return typed_group("model", OmegaConf.load(path) if path.is_file() else {"name": name})
 PRECISIONS = ("fp32", "bf16")
+CHECKPOINT_POLICIES = ("best_and_last", "last", "none")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -66,6 +68,8 @@ class TrainerConfig:
     deterministic: bool = False
     doctor_every: int = 5
     stop_when_stuck: bool = False
+    test_every_epoch: bool = False  # score the test set after every epoch too (test_loss/test_acc columns)
+    checkpoints: str = "best_and_last"  # what stays on disk: best_and_last|last|none
 
     def validate(self, prefix: str = "trainer") -> None:
         check_range(f"{prefix}.epochs", self.epochs, 1)
@@ -80,16 +84,22 @@ class TrainerConfig:
         if self.grad_clip is not None:
             check_range(f"{prefix}.grad_clip", self.grad_clip, 0, low_inclusive=False)
         check_range(f"{prefix}.doctor_every", self.doctor_every, 0)
+        check_choice(f"{prefix}.checkpoints", self.checkpoints, CHECKPOINT_POLICIES)
+
+
+CURVES = ("accuracy", "error")
 
 
 @dataclass
 class VizConfig:
+    curves: str = "accuracy"  # accuracy|error (1 - accuracy) in curves.png
     feature_maps: bool = False
     num_images: int = 8
     layer: Optional[str] = None
     channels: int = 15
 
     def validate(self, prefix: str = "viz") -> None:
+        check_choice(f"{prefix}.curves", self.curves, CURVES)
         check_range(f"{prefix}.num_images", self.num_images, 1)
         check_range(f"{prefix}.channels", self.channels, 1)
 
@@ -107,6 +117,7 @@ class RunConfig:
     report: ReportConfig
     logger: LoggerConfig = dataclasses.field(default_factory=LoggerConfig)  # experiment trackers; none by default
     imports: list[str] = dataclasses.field(default_factory=list)  # the user's modules, imported first
+    name: Optional[str] = None  # names the run's directory instead of a timestamp
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,6 +174,16 @@ def _gather_extra_keys(schema: type, node: Any) -> Any:
     return {**{k: v for k, v in plain.items() if k in known}, extra: gathered}
 
 
+def check_name(name: Any) -> str | None:
+    """name=...: a directory name that works everywhere (and in Hydra's override grammar)."""
+    if name is None:
+        return None
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}", name):
+        raise ConfigError(f"name={name!r} cannot name a directory; use up to 80 letters, digits, '.', '_' and '-', "
+                          f"starting with a letter or digit, e.g. name=lenet_sigmoid_lr0.1")
+    return name
+
+
 def import_user_modules(cfg: DictConfig) -> list[str]:
     """`imports: [mymodels]`: modules imported before the config is checked, so the models and datasets
     they register (@cnnlab.register_model) are known here, in every sweep worker, and in evaluate."""
@@ -199,15 +220,16 @@ def offer_registered_models(argv: list[str]) -> None:
 
 def validate(cfg: DictConfig) -> RunConfig:
     """Check every group of a composed config and return it as typed dataclasses."""
-    unknown = sorted(set(cfg.keys()) - set(SCHEMAS) - {"imports"})
+    unknown = sorted(set(cfg.keys()) - set(SCHEMAS) - {"imports", "name"})
     if unknown:
-        raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(SCHEMAS)}, imports")
+        raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(SCHEMAS)}, imports, name")
+    name = check_name(cfg.get("name"))
     imports = import_user_modules(cfg)
     missing = [g for g in SCHEMAS if g not in cfg and g not in OPTIONAL_GROUPS]
     if missing:
         raise ConfigError(f"config group(s) {', '.join(missing)} missing; select one, e.g. {missing[0]}=...")
     run = RunConfig(**{group: typed_group(group, cfg[group] if group in cfg else {}) for group in SCHEMAS},
-                    imports=imports)
+                    imports=imports, name=name)
     _check_finite(run.to_dict(), "")
     if run.scheduler.warmup_epochs >= run.trainer.epochs:
         raise ConfigError(

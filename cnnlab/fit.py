@@ -69,7 +69,9 @@ class TrainState:
     doctor: doctor.Settings
     done: int = 0  # epochs finished
     best_acc: float = -1.0  # best validation accuracy (without validation: the epoch number)
+    best_loss: float = math.inf  # its validation loss: of two epochs with one accuracy, the lower loss is best
     best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None  # the best epoch's weights when best.pt is not kept
     train_seconds: float = 0.0
     partial: EpochState | None = None  # an epoch an interrupt stopped, to continue
 
@@ -198,6 +200,7 @@ def _resume(s: TrainState, overrides: list[str]) -> None:
         ckpt = restore(point.checkpoint, s.model, s.optimizer, s.scheduler, s.generator, s.run.model.label(),
                        t.epochs, s.device)
         s.best_acc, s.best_epoch = ckpt.get("best_val_acc", -1.0), ckpt.get("best_epoch", ckpt["epoch"])
+        s.best_loss = ckpt.get("best_val_loss", math.inf)  # checkpoints before it was kept: any loss beats it
         s.train_seconds = ckpt.get("train_seconds", 0.0)
     s.done = ckpt["epoch"]
     if ckpt.get("partial") is None:
@@ -216,7 +219,7 @@ def _resume(s: TrainState, overrides: list[str]) -> None:
 def _save(s: TrainState, name: str, epoch: int, partial: EpochState | None = None,
           val_acc: float | None = None) -> None:
     """checkpoints/<name>: everything a resume needs to continue bitwise, and inference to open the model."""
-    if not s.world.is_main:
+    if not s.world.is_main or s.run.trainer.checkpoints == "none":
         return
     save_checkpoint(
         s.run_dir / "checkpoints" / name, model=s.model.state_dict(), optimizer=s.optimizer.state_dict(),
@@ -224,7 +227,7 @@ def _save(s: TrainState, name: str, epoch: int, partial: EpochState | None = Non
         scheduler={k: v for k, v in s.scheduler.state_dict().items() if k != "lr_lambdas"},
         scaler=None,  # bf16 autocast needs no loss scaling; the slot keeps the format ready for fp16
         epoch=epoch, step=epoch * len(s.batches) + (partial.step if partial else 0), rng=rng_state(s.generator),
-        config=s.run.to_dict(), val_acc=val_acc, best_val_acc=s.best_acc, best_epoch=s.best_epoch,
+        config=s.run.to_dict(), val_acc=val_acc, best_val_acc=s.best_acc, best_val_loss=s.best_loss, best_epoch=s.best_epoch,
         train_seconds=round(s.train_seconds, 3), partial=partial.state_dict() if partial else None,
         spec=dataclasses.asdict(s.spec),  # input shape, class names, stats: inference needs no dataset files
     )
@@ -278,12 +281,16 @@ def _end_epoch(s: TrainState, epoch: int, state: EpochState) -> bool:
         return False
     diagnosis = _examine(s, epoch, train_loss, val)
     score = val.acc if val else float(epoch)  # without a validation split the last epoch stands in for the best
-    if score > s.best_acc:
-        s.best_acc, s.best_epoch = score, epoch
+    loss = val.loss if val else -float(epoch)
+    # a tie in accuracy (a small val set at 100%) goes to the lower loss, not always to the first epoch
+    if score > s.best_acc or (score == s.best_acc and loss < s.best_loss):
+        s.best_acc, s.best_loss, s.best_epoch = score, loss, epoch
     # best.pt before last.pt: a kill between the two resumes from the previous last.pt and redoes this
     # epoch, so whatever last.pt names as the best epoch is always in best.pt
-    if s.best_epoch == epoch:
+    if s.best_epoch == epoch and s.run.trainer.checkpoints == "best_and_last":
         _save(s, "best.pt", epoch, val_acc=val.acc if val else None)
+    elif s.best_epoch == epoch:  # trainer.checkpoints=last|none: the test's weights are kept here instead
+        s.best_state = {k: v.detach().to("cpu", copy=True) for k, v in s.model.state_dict().items()}
     _save(s, "last.pt", epoch, val_acc=val.acc if val else None)
     s.record.best(s.best_epoch, s.best_acc if val else None)
     s.record.epoch_done(epoch, s.train_seconds, train_loss, train_acc, val.loss if val else None,
@@ -303,20 +310,18 @@ def _validate_and_log(s: TrainState, epoch: int, state: EpochState) -> tuple[flo
     train_loss, train_acc, seen = state.results()
     eval_tic = time.perf_counter()
     val = evaluate(s.model, data.val, s.ctx, t.eval_batch_size, s.spec.num_classes, data.workers) if data.val else None
-    row = {
-        "epoch": epoch,
-        "train_loss": train_loss,
-        "train_acc": train_acc,
-        "val_loss": val.loss if val else "",
-        "val_acc": val.acc if val else "",
-        "lr": state.lr,
-        "epoch_seconds": round(state.seconds + time.perf_counter() - eval_tic, 4),  # training + validation
-        "images_per_second": round(seen / state.seconds, 1),
-    }
+    row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val.loss if val else "",
+           "val_acc": val.acc if val else "", "lr": state.lr,
+           "epoch_seconds": round(state.seconds + time.perf_counter() - eval_tic, 4),  # training + validation
+           "images_per_second": round(seen / state.seconds, 1)}
+    if t.test_every_epoch:  # after the timing: epoch_seconds stays training + validation
+        test = evaluate(s.model, data.test, s.ctx, t.eval_batch_size, s.spec.num_classes, data.workers)
+        row.update(test_loss=test.loss, test_acc=test.acc)
     if s.world.is_main:
         report.append_metrics(s.run_dir, row)
         s.trackers.log_epoch(row)
     val_text = f"val loss {val.loss:.4f} acc {val.acc:.2%}  " if val else ""
+    val_text += f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%}  " if "test_acc" in row else ""
     log.info("epoch %d/%d  train loss %.4f acc %.2f%%  %slr %.3g  %.1fs  %.0f img/s", epoch, t.epochs,
              train_loss, 100 * train_acc, val_text, state.lr, row["epoch_seconds"], seen / state.seconds)
     return train_loss, train_acc, val
@@ -354,10 +359,11 @@ def _finish(s: TrainState) -> None:
     t, feature_maps = s.run.trainer, None
     if s.best_epoch:
         distributed.barrier()  # rank 0 has written best.pt
-        s.model.load_state_dict(_best_weights(s))
+        weights, epoch = _best_weights(s)
+        s.model.load_state_dict(weights)
         result = evaluate(s.model, s.data.test, s.ctx, t.eval_batch_size, s.spec.num_classes, s.data.workers)
-        s.record.tested(result.loss, result.acc, "best" if s.data.val else "last")
-        log.info("test (epoch %d weights): loss %.4f  accuracy %.2f%%", s.best_epoch, result.loss, 100 * result.acc)
+        s.record.tested(result.loss, result.acc, "best" if s.data.val and epoch == s.best_epoch else "last")
+        log.info("test (epoch %d weights): loss %.4f  accuracy %.2f%%", epoch, result.loss, 100 * result.acc)
         if s.world.is_main:
             report.write_confusion(s.run_dir, result.confusion, s.spec.classes)
             if s.prep.viz_layer:
@@ -365,18 +371,25 @@ def _finish(s: TrainState) -> None:
                 feature_maps = viz.draw_feature_maps(s.run_dir / "feature_maps.png", s.model, s.prep.viz_layer,
                                                      panels, s.ctx, s.spec.classes, s.run.viz.channels, s.run.model.label())
     if s.world.is_main:
-        report.plot_curves(s.run_dir, title=f"{s.run.model.label()} on {s.spec.name}")
+        report.plot_curves(s.run_dir, f"{s.run.model.label()} on {s.spec.name}", s.run.viz.curves == "error",
+                           s.best_epoch if s.run.trainer.test_every_epoch else None)
     s.record.finished(feature_maps)
 
 
-def _best_weights(s: TrainState) -> dict[str, torch.Tensor]:
-    """The weights of the best epoch: best.pt, or last.pt when that is the same epoch (a run of an
-    older version killed between the two saves)."""
+def _best_weights(s: TrainState) -> tuple[dict[str, torch.Tensor], int]:
+    """The weights of the best epoch and that epoch: kept in memory (trainer.checkpoints=last|none), best.pt,
+    or last.pt when that is the same epoch (a run of an older version killed between the two saves)."""
+    if s.best_state is not None:
+        return s.best_state, s.best_epoch
     for name in ("best.pt", "last.pt"):
         path = s.run_dir / "checkpoints" / name
         if path.is_file():
             ckpt = load_checkpoint(path, map_location=s.device)
             if ckpt["epoch"] == s.best_epoch:
-                return ckpt["model"]
+                return ckpt["model"], s.best_epoch
+    if s.run.trainer.checkpoints != "best_and_last":  # resumed: the best weights were in the stopped process
+        log.warning("trainer.checkpoints=%s: the best epoch's (%d) weights went with the process that was stopped; "
+                    "the test set is scored with the last epoch's", s.run.trainer.checkpoints, s.best_epoch)
+        return s.model.state_dict(), s.record.summary.epochs_completed or s.done
     raise ConfigError(f"{s.run_dir / 'checkpoints'} holds no checkpoint of the best epoch ({s.best_epoch}), which "
                       f"the test score needs; resume from an earlier checkpoint or start the run again")

@@ -80,7 +80,7 @@ SWEEP_KEYS_ENV = "CNNLAB_SWEEP_KEYS"  # the keys a sweep varies, set before Hydr
 SWEEP_COMMAND_ENV = "CNNLAB_SWEEP_COMMAND"  # the sweep's command line, to print how a stopped sweep goes on
 JOB_NAME_LIMIT = 80  # characters: far below any file system's limit, short enough to read and type
 # keys that never name a job: paths and settings that do not change results (as override_dirname's exclude_keys)
-UNNAMED = ("dataset.root", "dataset.loader", "dataset.num_workers", "trainer.device", "trainer.progress",
+UNNAMED = ("name", "dataset.root", "dataset.loader", "dataset.num_workers", "trainer.device", "trainer.progress",
            "trainer.eval_batch_size", "report", "logger", "hydra")
 
 
@@ -134,9 +134,14 @@ def output_subdir() -> str | None:
     return None if output_dir and holds_a_run(Path(output_dir)) else ".hydra"
 
 
+def named(name: Any, default: str) -> str:
+    """The run's `name=` where one is given, else the timestamped default (the run or sweep directory)."""
+    return default if name in (None, "") else str(name)
+
+
 def register_resolvers() -> None:
     """The resolvers conf/config.yaml's hydra section uses."""
     for name, resolver, cache in (("cnnlab.unique_dir", unique_dir, True), ("cnnlab.job_dir", job_dir, False),
-                                  ("cnnlab.output_subdir", output_subdir, False)):
+                                  ("cnnlab.output_subdir", output_subdir, False), ("cnnlab.named", named, False)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver, use_cache=cache)

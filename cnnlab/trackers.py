@@ -125,6 +125,8 @@ TB_TAGS = {
     "val_loss": "loss/val",
     "train_acc": "accuracy/train",
     "val_acc": "accuracy/val",
+    "test_loss": "loss/test",  # trainer.test_every_epoch
+    "test_acc": "accuracy/test",
     "lr": "lr",
     "epoch_seconds": "time/epoch_seconds",
     "images_per_second": "time/images_per_second",

@@ -163,3 +163,29 @@ def test_a_class_defined_in_main_needs_handing_over_in_a_new_process(in_tmp: Pat
     evaluated = run_cnnlab("evaluate", "run=run", cwd=in_tmp)
     assert evaluated.returncode == 2 and "defined in a notebook or script (__main__)" in evaluated.stderr
     assert "cnnlab.load_run(dir).model(Class)" in evaluated.stderr
+
+
+def test_interrupting_the_kernel_checkpoints_and_the_named_call_goes_on(in_tmp: Path, monkeypatch) -> None:
+    """Jupyter's "interrupt kernel" is SIGINT: sent here from inside the 10th training step."""
+    import signal
+
+    import cnnlab.engine as engine
+
+    inputs, steps = engine.StepContext.inputs, [0]
+
+    def step(self, images, train):
+        steps[0] += train
+        if train and steps[0] == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+        return inputs(self, images, train)
+
+    monkeypatch.setattr(engine.StepContext, "inputs", step)
+    with pytest.raises(KeyboardInterrupt, match=r"checkpoint saved. Continue with cnnlab.train\(\"trainer.resume=") as err:
+        cnnlab.train("+debug=smoke", "dataset.train_size=2000", run_dir=in_tmp / "run", model=SimpleNN)
+    run = cnnlab.load_run(in_tmp / "run")
+    assert run.status == "interrupted" and run.summary["interrupted_at"]["step"] == 10
+    monkeypatch.setattr(engine.StepContext, "inputs", inputs)
+    resume = str(err.value).split('cnnlab.train("')[1].split('")')[0]
+    again = cnnlab.train(resume, model=SimpleNN)
+    assert again.dir == run.dir and again.status == "completed"
+    check_run_dir(run.dir, epochs=2, test_size=128)

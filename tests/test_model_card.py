@@ -5,13 +5,14 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torchvision
 
 from cnnlab.checks import ConfigError
-from cnnlab.config import model_defaults, validate
+from cnnlab.config import model_defaults, typed_group, validate
 from cnnlab.models import build_model, zoo
 from cnnlab.models.__main__ import model_table
 from cnnlab.models.card import REFERENCES, model_card
@@ -94,7 +95,7 @@ def test_models_command_writes_a_csv_and_sorts_by_closeness(tmp_path):
     table = pd.read_csv(csv)
     assert sorted(table["model"]) == zoo()
     assert table["model"].iloc[0] == "alexnet" and table["vs_near"].iloc[0] == pytest.approx(1.0)
-    distance = (table["params"] - table["params"].iloc[0]).abs().dropna()
+    distance = np.abs(np.log(table["vs_near"].dropna().astype(float)))  # by ratio: 2x as near as 0.5x
     assert distance.is_monotonic_increasing
     bad = subprocess.run([sys.executable, "-m", "cnnlab.models", "--dataset", "imagenet"],
                          capture_output=True, text=True, timeout=120)
@@ -131,3 +132,60 @@ def test_run_writes_model_card_and_feature_maps(tmp_path):
     confusion_total = pd.read_csv(run_dir / "confusion_matrix.csv", index_col=0).to_numpy().sum()
     assert confusion_total == 128
     assert json.loads((run_dir / "summary.json").read_text())["macs_per_image"] > 0
+
+
+@pytest.mark.parametrize(("shape", "params"), [((1, 28, 28), 61_706), ((3, 32, 32), 62_006)])
+def test_the_papers_lenet_and_its_reference(shape, params):
+    """The homework's LeNet: no padding at 32 px (6 5x5x3 kernels take 32x32 to 28x28x6, 400 features)."""
+    model = build_model(model_defaults("lenet"), shape[0], 10, shape[1:])
+    card = model_card(model, "lenet", shape, 10)
+    assert card.params_total == params and card.reference["params"] == params
+    assert "[1, 6, 28, 28]" in card.table and "[1, 400]" in card.table
+    assert card.reference_line.startswith(f"LeNet-5 (LeCun et al. 1998, 32x32 input, {shape[0]} channel")
+
+
+@pytest.mark.parametrize(("padding", "side", "features"), [("same", 32, 6 * 6), ("valid", 28, 4 * 4), (1, 30, 5 * 5)])
+def test_lenet_padding_key(padding, side, features):
+    cfg = typed_group("model", {"name": "lenet", "padding": padding})
+    model = build_model(cfg, 1, 10, (side, side))
+    assert model.classifier[1].in_features == 16 * features
+
+
+def test_lenet_padding_is_checked_and_small_inputs_name_their_minimum():
+    with pytest.raises(ConfigError, match=r"model.padding='half' is not valid; choose one of: auto, same, valid"):
+        typed_group("model", {"name": "lenet", "padding": "half"})
+    with pytest.raises(ConfigError, match="minimum is 16x16"):
+        build_model(typed_group("model", {"name": "lenet", "padding": "valid"}), 1, 10, (15, 15))
+
+
+def test_a_custom_arch_is_not_compared_with_the_original():
+    cfg = typed_group("model", {"name": "vgg11", "arch": [[1, 16], [1, 32]]})
+    shape = (3, 32, 32)
+    card = model_card(build_model(cfg, 3, 10, shape[1:]), "vgg11", shape, 10, cfg.is_standard_form())
+    assert card.reference is None and "reference" not in card.text()
+    assert model_defaults("vgg11").is_standard_form() and not typed_group(
+        "model", {"name": "alexnet", "widths": [8, 8, 8, 8, 8]}).is_standard_form()
+
+
+def test_models_near_ranks_within_a_family(tmp_path):
+    csv = tmp_path / "near.csv"
+    result = subprocess.run([sys.executable, "-m", "cnnlab", "models", "--near", "alexnet", "--family", "vgg",
+                             "--csv", str(csv)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(csv)
+    assert set(table["family"]) == {"vgg"} and "vgg_tiny" in set(table["model"])
+    ratios = np.abs(np.log(table["vs_near"]))
+    assert ratios.is_monotonic_increasing
+
+
+def test_models_prints_a_card_for_overrides():
+    result = subprocess.run([sys.executable, "-m", "cnnlab", "models", "model=vgg11", "model.arch=[[1,64],[1,128],[2,256]]",
+                             "--dataset", "cifar10"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("model: vgg11    input: 3x32x32    classes: 10")
+    model = build_model(typed_group("model", {"name": "vgg11", "arch": [[1, 64], [1, 128], [2, 256]]}), 3, 10, (32, 32))
+    assert f"params: {sum(p.numel() for p in model.parameters()):,} total" in result.stdout
+    assert "reference:" not in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "cnnlab", "models", "model=vgg11", "model.arch=oops"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "model.arch" in bad.stderr and "Traceback" not in bad.stderr

@@ -45,6 +45,10 @@ class ModelConfig:
         """The model as logs, the card and summary.json name it."""
         return self.name
 
+    def is_standard_form(self) -> bool:
+        """Whether the card may compare it with its family's published form (not with a custom arch)."""
+        return True
+
 
 def register(name: str, schema: type[ModelConfig], *, replace: bool = False,
              origin: str | None = None) -> Callable[[Builder], Builder]:
@@ -76,6 +80,12 @@ def available() -> list[str]:
 
 
 SLOTS = ("custom",)  # names that select a model given elsewhere (model._target_), not a model of their own
+
+
+def family(name: str) -> str:
+    """The module a model comes from: vgg for vgg11..vgg19, resnet for resnet11..resnet50, a user's module."""
+    available()
+    return _ORIGIN[name].rsplit(".", 2)[-2]
 
 
 def zoo() -> list[str]:
@@ -144,6 +154,7 @@ __all__ = [
     "available",
     "build_model",
     "count_parameters",
+    "family",
     "register",
     "register_model",
     "schema_for",

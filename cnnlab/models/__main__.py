@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pandas as pd
 
 from cnnlab.checks import ConfigError
@@ -17,7 +18,7 @@ from cnnlab.cli import Parser, fail
 from cnnlab.config import model_defaults, offer_registered_models, typed_group, validate
 from cnnlab.data import available as datasets
 from cnnlab.data import spec_for
-from cnnlab.models import build_model, zoo
+from cnnlab.models import build_model, family, zoo
 from cnnlab.models.card import human, model_card
 
 PROG = "cnnlab models"
@@ -33,11 +34,12 @@ def model_table(dataset: str) -> pd.DataFrame:
         try:
             model = build_model(model_defaults(name), spec.channels, spec.num_classes, shape[1:])
         except ConfigError as err:  # e.g. alexnet_original needs larger images
-            rows.append({"model": name, "note": str(err).split(". ")[0]})
+            rows.append({"model": name, "family": family(name), "note": str(err).split(". ")[0]})
             continue
         card = model_card(model, name, shape, spec.num_classes)
         rows.append({
             "model": name,
+            "family": family(name),
             "params": card.params_total,
             "size_mb": card.model_size_mb,
             "macs": card.macs_per_image,
@@ -74,7 +76,22 @@ def card_text(overrides: list[str]) -> str:
     offer_registered_models(overrides)
     run = validate(compose_job(overrides))
     prep = prepare(run, training=False)
-    return model_card(prep.model, run.model.label(), prep.pipeline.output_shape, prep.spec.num_classes).text()
+    return model_card(prep.model, run.model.label(), prep.pipeline.output_shape, prep.spec.num_classes,
+                      run.model.is_standard_form()).text()
+
+
+def ranked(table: pd.DataFrame, sort: str, near: str | None, only: str | None) -> pd.DataFrame:
+    """The table sorted, or ordered by the ratio of parameter counts to `near`'s; `only`: one family."""
+    if near:
+        target = table.loc[table["model"] == near, "params"].iloc[0]
+        if pd.isna(target):
+            raise ConfigError("that model does not build")
+        table = table.assign(vs_near=table["params"] / target)
+        distance = np.abs(np.log(table["vs_near"].astype(float)))  # 2x bigger is as near as 2x smaller
+        table = table.iloc[distance.argsort(kind="stable")]
+    else:
+        table = table.sort_values(sort, kind="stable", na_position="last")
+    return table[table["family"] == only] if only else table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                              "overrides: the training default, or dataset=... among them)")
     parser.add_argument("--sort", default="params", choices=SORT_KEYS, help="sort order (default: params)")
     parser.add_argument("--near", metavar="MODEL", choices=zoo(),
-                        help="sort by closeness in parameter count to this model")
+                        help="sort by closeness in parameter count to this model, as a ratio (2x and 0.5x are as near)")
+    parser.add_argument("--family", choices=sorted({family(n) for n in zoo()}),
+                        help="only this family's models, e.g. --family vgg --near alexnet")
     parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     try:
         args = parser.parse_intermixed_args(argv)
@@ -104,14 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # image_folder takes its shape from files: it needs a dataset.root to list for
         return fail(PROG, f"--dataset {args.dataset} cannot be sized without its files ({err}); "
                           "list the models for a built-in dataset of the same image size instead")
-    if args.near:
-        target = table.loc[table["model"] == args.near, "params"].iloc[0]
-        if pd.isna(target):
-            return fail(PROG, f"--near {args.near}: that model does not build for {args.dataset}")
-        table = table.assign(vs_near=table["params"] / target)
-        table = table.iloc[(table["params"] - target).abs().argsort(kind="stable")]
-    else:
-        table = table.sort_values(args.sort, kind="stable", na_position="last")
+    try:
+        table = ranked(table, args.sort, args.near, args.family)
+    except ConfigError as err:
+        return fail(PROG, f"--near {args.near}: {err} for {args.dataset}")
     if args.csv:
         table.to_csv(args.csv, index=False)
     print(f"models for {args.dataset} (defaults from conf/model; MACs and FLOPs per image)\n")

@@ -76,6 +76,9 @@ class AlexNetConfig(ModelConfig):
             )
         check_range(f"{prefix}.classifier_width", self.classifier_width, 1)
 
+    def is_standard_form(self) -> bool:
+        return list(self.widths) == type(self)().widths  # other widths are another network
+
 
 @dataclass
 class AlexNetOriginalConfig(AlexNetConfig):

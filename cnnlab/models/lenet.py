@@ -1,15 +1,18 @@
 """LeNet-5 (LeCun et al. 1998) adapted to any channel count and image size.
 
-conv(6, k, "same") -> act -> pool 2 -> conv(16, k, valid) -> act -> pool 2 -> 120 -> 84 -> classes.
-The first conv pads by k//2 so a 28-px Fashion-MNIST image plays the role of the paper's padded
-32-px input. The smallest input is 2*(k+1) px per side (12 for k=5, 8 for k=3): the second pool
-needs at least 2 px left after the unpadded second conv.
+conv(6, k) -> act -> pool 2 -> conv(16, k, valid) -> act -> pool 2 -> 120 -> 84 -> classes.
+The first conv's padding (model.padding) is the paper's by default ("auto"): none on a 32-px image,
+whose 5x5 conv gives 28x28x6 as in the paper (62,006 parameters on 3x32x32), and k//2 ("same") below
+32 px, so a 28-px Fashion-MNIST image plays the role of the paper's 32-px input (61,706 on 1x28x28,
+the paper's own count). "same", "valid" or a number of pixels choose otherwise. The smallest input
+is the one that leaves the second pool at least 2 px (12 for k=5 with "auto").
 """
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
-from cnnlab.checks import ConfigError, check_choice
+from cnnlab.checks import ConfigError, check_choice, is_whole
 from cnnlab.models import ModelConfig, register
 from cnnlab.models.layers import conv_out, make_activation, make_norm1d, make_norm2d
 
@@ -23,15 +26,34 @@ class LeNetConfig(ModelConfig):
     pool: str = "max"  # max|avg (the 1998 paper used average pooling)
     batch_norm: bool = False  # not in the original
     dropout: float = 0.0
+    padding: Any = "auto"  # auto|same|valid|<pixels>: the first conv's padding (auto: the paper's)
 
     def validate(self, prefix: str = "model") -> None:
         super().validate(prefix)
         check_choice(f"{prefix}.kernel_size", self.kernel_size, KERNEL_SIZES)
         check_choice(f"{prefix}.pool", self.pool, POOLS)
+        if self.padding not in PADDINGS and not (is_whole(self.padding) and self.padding >= 0):
+            raise ConfigError(f"{prefix}.padding={self.padding!r} is not valid; choose one of: {', '.join(PADDINGS)} "
+                              f"or a whole number of pixels >= 0")
 
 
-def min_input_size(kernel_size: int) -> int:
-    return 2 * (kernel_size + 1)
+PADDINGS = ("auto", "same", "valid")
+
+
+def first_padding(padding: Any, kernel_size: int, input_size: tuple[int, int]) -> int:
+    """Pixels of padding of the first conv: auto is none from 32 px up (the paper), "same" below."""
+    if padding == "auto":
+        return 0 if min(input_size) >= 32 else kernel_size // 2
+    return {"same": kernel_size // 2, "valid": 0}.get(padding, padding)
+
+
+def feature_side(side: int, kernel_size: int, pad: int) -> int:
+    """Side of the feature map the classifier gets: conv (padded), pool 2, valid conv, pool 2."""
+    return conv_out(conv_out(conv_out(conv_out(side, kernel_size, 1, pad), 2, 2), kernel_size), 2, 2)
+
+
+def min_input_size(kernel_size: int, padding: Any = "auto") -> int:
+    return next(s for s in range(1, 1024) if feature_side(s, kernel_size, first_padding(padding, kernel_size, (s, s))) >= 1)
 
 
 class LeNet(nn.Module):
@@ -45,21 +67,22 @@ class LeNet(nn.Module):
         activation: str = "relu",
         dropout: float = 0.0,
         batch_norm: bool = False,
+        padding: Any = "auto",
     ) -> None:
         super().__init__()
         k = kernel_size
-        # Per axis: "same" conv, pool 2, valid conv, pool 2 (floor, as torch does).
-        out_hw = [conv_out(conv_out(conv_out(s, 2, 2), k), 2, 2) for s in input_size]
+        pad = first_padding(padding, k, input_size)
+        out_hw = [feature_side(s, k, pad) for s in input_size]  # per axis, floor as torch does
         if min(out_hw) < 1:
-            m = min_input_size(k)
+            m = min_input_size(k, padding)
             raise ConfigError(
                 f"input size {input_size[0]}x{input_size[1]} is too small for lenet with "
-                f"model.kernel_size={k}: the minimum is {m}x{m}"
+                f"model.kernel_size={k} and model.padding={padding}: the minimum is {m}x{m}"
             )
         pool_cls = nn.MaxPool2d if pool == "max" else nn.AvgPool2d
         bias = not batch_norm  # a norm right after a layer cancels its bias
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, k, padding=k // 2, bias=bias),
+            nn.Conv2d(in_channels, 6, k, padding=pad, bias=bias),
             make_norm2d(6, batch_norm),
             make_activation(activation),
             pool_cls(2),
@@ -88,5 +111,6 @@ class LeNet(nn.Module):
 @register("lenet", LeNetConfig)
 def lenet(cfg: LeNetConfig, in_channels: int, num_classes: int, input_size: tuple[int, int]) -> LeNet:
     return LeNet(
-        in_channels, num_classes, input_size, cfg.kernel_size, cfg.pool, cfg.activation, cfg.dropout, cfg.batch_norm
+        in_channels, num_classes, input_size, cfg.kernel_size, cfg.pool, cfg.activation, cfg.dropout, cfg.batch_norm,
+        cfg.padding,
     )

@@ -66,6 +66,9 @@ class VGGConfig(ModelConfig):
         check_range(f"{prefix}.classifier_width", self.classifier_width, 1)
         check_range(f"{prefix}.pool_size", self.pool_size, 1)
 
+    def is_standard_form(self) -> bool:
+        return self.arch is None  # model.arch=[[1,64],...] is no longer VGG-11/16/...
+
 
 def conv_stages(
     arch: Sequence[tuple[int, int]], in_channels: int, input_size: tuple[int, int], activation: str, batch_norm: bool

@@ -17,17 +17,23 @@ from cnnlab.record import Summary
 METRIC_COLUMNS = (
     "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second",
 )
+TEST_COLUMNS = ("test_loss", "test_acc")  # with trainer.test_every_epoch: the test set after every epoch
 
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
     """Append one epoch to metrics.csv, flushed at once so a crashed run keeps its history."""
     path = run_dir / "metrics.csv"
     new = not path.exists()
+    if new:
+        columns = METRIC_COLUMNS + (TEST_COLUMNS if "test_acc" in row else ())
+    else:  # the header a run began with: a resume that turns test_every_epoch on or off keeps it
+        with path.open(newline="") as f:
+            columns = tuple(next(csv.reader(f), METRIC_COLUMNS))
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         if new:
             writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
+        writer.writerow({k: row.get(k, "") for k in columns})
 
 
 def write_confusion(run_dir: Path, matrix: np.ndarray, classes: Sequence[str]) -> None:
@@ -75,29 +81,40 @@ def confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> Figure:
     return fig
 
 
-def plot_curves(run_dir: Path, title: str = "") -> None:
-    """curves.png: loss and accuracy against epoch, train and val, from metrics.csv."""
-    curves_figure(pd.read_csv(run_dir / "metrics.csv"), title).savefig(run_dir / "curves.png", dpi=120)
+def plot_curves(run_dir: Path, title: str = "", error: bool = False, best_epoch: int | None = None) -> None:
+    """curves.png: loss and accuracy (or error) against epoch, train, val and test, from metrics.csv;
+    `best_epoch` (with a test curve): whose weights the run's headline test score is."""
+    note = test_curve_note(best_epoch) if best_epoch else ""
+    curves_figure(pd.read_csv(run_dir / "metrics.csv"), title, error, note).savefig(run_dir / "curves.png", dpi=120)
 
 
-def curves_figure(metrics: pd.DataFrame, title: str = "") -> Figure:
-    """Loss and accuracy against epoch, train and val (and test, where it was measured)."""
-    fig = Figure(figsize=(11, 4))
+def test_curve_note(best_epoch: int | None) -> str:
+    """Said beside a test curve: it is not the run's headline test score."""
+    return f"test curve: each epoch's weights; the run's test_acc: the best-validation weights (epoch {best_epoch})"
+
+
+def curves_figure(metrics: pd.DataFrame, title: str = "", error: bool = False, note: str = "") -> Figure:
+    """Loss and accuracy against epoch, train and val (and test, where it was measured every epoch);
+    `error`: 1 - accuracy instead (viz.curves=error); `note`: a line under the plots."""
+    fig = Figure(figsize=(11, 4.3 if note else 4))
     ax_loss, ax_acc = fig.subplots(1, 2)
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
         for split, style in (("train", "-o"), ("val", "-s"), ("test", "-^")):
             column = f"{split}_{metric}"
             if column in metrics and metrics[column].notna().any():
-                ax.plot(metrics["epoch"], metrics[column], style, label=split, markersize=3)
+                values = 1 - metrics[column] if metric == "acc" and error else metrics[column]
+                ax.plot(metrics["epoch"], values, style, label=split, markersize=3)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("accuracy" if metric == "acc" else "loss")
+        ax.set_ylabel(("error" if error else "accuracy") if metric == "acc" else "loss")
         ax.grid(alpha=0.3)
         if ax.lines:  # a run that diverged in its first epoch has nothing to label
             ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    if note:
+        fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=8, color="dimgray")
+    fig.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
     return fig
 
 

@@ -44,7 +44,7 @@ def curves_figure(runs: Sequence[Run], keys: Sequence[str], facet: Sequence[str]
             label = run_label(run, line_keys, names)
             m = run.metrics
             for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
-                for split, style in (("val", "-"), ("train", "--")):
+                for split, style in (("val", "-"), ("train", "--"), ("test", ":")):  # test: test_every_epoch
                     column = f"{split}_{metric}"
                     if column in m and m[column].notna().any():
                         (line,) = ax.plot(m["epoch"], m[column], style, color=colors[label], lw=1.4,
@@ -61,7 +61,9 @@ def curves_figure(runs: Sequence[Run], keys: Sequence[str], facet: Sequence[str]
             ax.grid(alpha=0.3)
         _legend(ax_acc, [(colors[label], label) for label in dict.fromkeys(
             run_label(run, line_keys, names) for run in members)])
-    fig.suptitle("val solid, train dashed; ▼ lowest val loss of a run that overfitted", fontsize=10)
+    tested = any("test_acc" in run.metrics for run in plotted)
+    fig.suptitle(f"val solid, train dashed{', test dotted' if tested else ''}; ▼ lowest val loss of a run that "
+                 f"overfitted", fontsize=10)
     return fig
 
 

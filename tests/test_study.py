@@ -1,0 +1,108 @@
+"""What homework studies ask of a run: the best epoch when validation accuracy ties, the front door
+(--help lists the subcommands, --version is cnnlab's)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from conftest import run_cnnlab
+
+
+def test_a_tie_in_val_accuracy_goes_to_the_lower_val_loss(tmp_path: Path) -> None:
+    """8 validation images reach 100% in a few epochs and tie ever after: the best epoch is the tied one with
+    the lowest validation loss, not the first that got there."""
+    result = run_cnnlab("+debug=smoke", "dataset.noise=0.05", "dataset.val_split=8", "trainer.epochs=6",
+                        "scheduler=none", "optimizer.lr=0.05", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    tied = metrics[metrics["val_acc"] == metrics["val_acc"].max()]
+    assert len(tied) >= 2  # the situation this is about
+    expected = int(tied.loc[tied["val_loss"].idxmin(), "epoch"])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best_epoch"] == expected != int(tied["epoch"].iloc[0])
+    assert f"test (epoch {expected} weights)" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_help_lists_the_subcommands_before_hydras_text(tmp_path: Path) -> None:
+    result = run_cnnlab("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    text = result.stdout
+    for sub in ("cnnlab models", "cnnlab report", "cnnlab evaluate", "cnnlab predict", "cnnlab --version"):
+        assert sub in text, sub
+    assert text.index("cnnlab evaluate") < text.index("Configuration groups")  # then Hydra's help
+
+
+def test_version_is_cnnlabs(tmp_path: Path) -> None:
+    from cnnlab import __version__
+
+    result = run_cnnlab("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"cnnlab {__version__}"
+
+
+def test_checkpoint_policies_keep_what_they_say_and_score_the_same(tmp_path: Path) -> None:
+    base = ("+debug=smoke", "trainer.epochs=4", "scheduler=none", "optimizer.lr=0.3")  # best at epoch 1 of 4
+    summaries = {}
+    for policy in ("best_and_last", "last", "none"):
+        result = run_cnnlab(*base, f"trainer.checkpoints={policy}", f"hydra.run.dir={tmp_path / policy}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        summaries[policy] = json.loads((tmp_path / policy / "summary.json").read_text())
+        folder = tmp_path / policy / "checkpoints"
+        kept = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        assert kept == {"best_and_last": ["best.pt", "last.pt"], "last": ["last.pt"], "none": []}[policy]
+    # the test set is scored with the best epoch's weights whatever is kept on disk
+    assert summaries["best_and_last"]["best_epoch"] < 4  # so the last epoch's weights would score otherwise
+    for policy in ("last", "none"):
+        for key in ("test_acc", "test_loss", "best_epoch", "test_checkpoint"):
+            assert summaries[policy][key] == summaries["best_and_last"][key], (policy, key)
+    refused = run_cnnlab(*base, "trainer.checkpoints=some", cwd=tmp_path)
+    assert refused.returncode == 2 and "trainer.checkpoints='some' is not valid; choose one of: best_and_last, last, none" \
+        in refused.stderr
+
+
+def test_name_names_runs_sweeps_and_report_rows(tmp_path: Path) -> None:
+    for _ in range(2):
+        result = run_cnnlab("+debug=smoke", "trainer.epochs=1", "name=sigmoid_lr0.1", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    runs = tmp_path / "outputs" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["sigmoid_lr0.1", "sigmoid_lr0.1_2"]  # never shared
+    assert json.loads((runs / "sigmoid_lr0.1" / "summary.json").read_text())["config"]["name"] == "sigmoid_lr0.1"
+
+    sweep = run_cnnlab("-m", "+debug=smoke", "trainer.epochs=1", "name=lr_study", "optimizer.lr=0.05,0.01", cwd=tmp_path)
+    assert sweep.returncode == 0, sweep.stderr
+    table = pd.read_csv(tmp_path / "outputs" / "sweeps" / "lr_study" / "sweep_summary.csv")
+    assert sorted(table["run"]) == ["0_lr-0.05", "1_lr-0.01"]
+
+    report = run_cnnlab("report", str(runs / "sigmoid_lr0.1"), str(runs / "sigmoid_lr0.1_2"), "--out",
+                        str(tmp_path / "cmp"), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert sorted(pd.read_csv(tmp_path / "cmp" / "sweep_summary.csv")["run"]) == ["sigmoid_lr0.1", "sigmoid_lr0.1_2"]
+
+    bad = run_cnnlab("+debug=smoke", "name=a/b", cwd=tmp_path)
+    assert bad.returncode == 2 and "name='a/b' cannot name a directory" in bad.stderr
+
+
+def test_test_every_epoch_puts_the_test_set_in_every_row_curve_tracker_and_report(tmp_path: Path) -> None:
+    from cnnlab.report import METRIC_COLUMNS
+    from cnnlab.report.sweep import find_runs, load_runs
+    from cnnlab.report.sweep_plots import curves_figure
+    from test_trackers import check_tensorboard
+
+    sweep_dir = tmp_path / "sweep"
+    result = run_cnnlab("-m", "+debug=smoke", "trainer.epochs=3", "trainer.test_every_epoch=true", "viz.curves=error",
+                        "logger=tensorboard", "optimizer.lr=0.05,0.02", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for run_dir in sorted(p for p in sweep_dir.iterdir() if (p / "summary.json").is_file()):
+        metrics = pd.read_csv(run_dir / "metrics.csv")
+        assert tuple(metrics.columns) == METRIC_COLUMNS + ("test_loss", "test_acc")
+        assert metrics["test_acc"].between(0, 1).all() and (metrics["test_loss"] > 0).all()
+        summary = json.loads((run_dir / "summary.json").read_text())
+        # the headline score is the best-validation epoch's, which that epoch's row also measured
+        best = metrics.set_index("epoch").loc[summary["best_epoch"]]
+        assert summary["test_acc"] == best["test_acc"] and summary["test_checkpoint"] == "best"
+        check_tensorboard(run_dir)  # loss/test and accuracy/test equal the csv columns, epoch by epoch
+    figure = curves_figure(load_runs(find_runs([sweep_dir])), ["optimizer.lr"])
+    dotted = [line for ax in figure.axes for line in ax.lines if line.get_linestyle() == ":"]
+    assert len(dotted) == 4  # test loss and test accuracy of each of the two runs
+    assert "test dotted" in figure._suptitle.get_text()
