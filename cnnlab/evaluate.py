@@ -3,8 +3,10 @@
     cnnlab evaluate run=outputs/runs/..._lenet_fashion_mnist                  # best.pt on the run's own test set
     cnnlab evaluate run=DIR checkpoint=last dataset.subset=1000
     cnnlab evaluate run=DIR dataset=mnist dataset.root=/data out=eval_mnist   # another dataset of the same shape
+    cnnlab evaluate run=DIR feature_maps=true viz.layer=features.3 out=fm     # feature maps, after training
 
-Writes confusion_matrix.csv/.png, per_class_accuracy.csv and eval_summary.json into
+Writes confusion_matrix.csv/.png, per_class_accuracy.csv, confused_pairs.csv, eval_summary.json (and
+feature_maps.png when asked) into
 <run>/eval/<dataset>_<checkpoint>[_<overrides>] (or out=); the run's own files are never touched.
 """
 from __future__ import annotations
@@ -17,16 +19,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import OmegaConf
 
-from cnnlab import report
+from cnnlab import report, viz
 from cnnlab.checkpoint import write_json
 from cnnlab.checks import ConfigError
 from cnnlab.cli import fail, key_value_parser, last
 from cnnlab.config import config_dir, typed_group
 from cnnlab.data import DatasetConfig, build_pipeline, load_dataset, spec_for
-from cnnlab.data.batches import placed
+from cnnlab.data.batches import head, placed
 from cnnlab.engine import Evaluation, evaluate
 from cnnlab.inference import OpenRun, check_writable_dir, open_run, parse_value, with_stats
 
@@ -39,10 +40,13 @@ KEYS = {
     "trainer.device": "auto|cpu|cuda|mps; default: the run's own device (auto when that one is absent here)",
     "trainer.eval_batch_size": "images per forward pass; changes speed, not results (default: the run's)",
     "out": "output folder; default <run>/eval/<dataset>_<checkpoint>[_<dataset overrides>]",
+    "feature_maps": "true: also draw feature_maps.png, the first test images inside the model (default false)",
+    "viz.layer": "the conv layer whose maps are drawn, by module name; default: the run's viz.layer, else the last",
+    "viz.num_images": "test images drawn, one panel each (default: the run's viz.num_images)",
+    "viz.channels": "feature maps drawn per image (default: the run's viz.channels)",
 }
 # dataset keys that do not change which images are scored stay out of the output folder's name
 UNNAMED_KEYS = ("root", "download", "loader", "num_workers")
-WORST_SHOWN = 5
 
 
 def dataset_options() -> list[str]:
@@ -105,6 +109,7 @@ def run_evaluation(args: dict[str, list[str]], argv: list[str]) -> tuple[dict[st
     overrides = {k.split(".", 1)[1]: parse_value(k, v[-1]) for k, v in args.items() if k.startswith("dataset.")}
     cfg = dataset_config(opened.run.dataset, last(args, "dataset"), overrides)
     pipeline = fitted_pipeline(opened, cfg)
+    drawing = feature_map_settings(opened, args)  # checked before the data is loaded, like out=
     out = Path(last(args, "out")).expanduser() if "out" in args else default_out(opened, cfg, overrides)
     check_writable_dir(out)  # before the data is loaded: a bad out= costs nothing
 
@@ -143,8 +148,22 @@ def run_evaluation(args: dict[str, list[str]], argv: list[str]) -> tuple[dict[st
     if classes != tuple(opened.spec.classes):
         summary["notes"].append(f"class names differ from the training data's ({', '.join(opened.spec.classes[:3])}, "
                                 f"...); labels are compared by index")
+    if drawing:
+        layer, num_images, channels = drawing
+        summary["feature_maps"] = viz.draw_feature_maps(out / "feature_maps.png", opened.model, layer,
+                                                        head(test, num_images, opened.device), opened.context(pipeline),
+                                                        classes, channels, opened.run.model.label())
     write_json(out / "eval_summary.json", summary)
     return summary, result, classes, out
+
+
+def feature_map_settings(opened: OpenRun, args: dict[str, list[str]]) -> tuple[str, int, int] | None:
+    """(layer, images, channels) when feature_maps=true, each checked as the run config checks it."""
+    if not parse_value("feature_maps", last(args, "feature_maps", "false")):
+        return None
+    given = {k.split(".", 1)[1]: parse_value(k, v[-1]) for k, v in args.items() if k.startswith("viz.")}
+    settings = typed_group("viz", {**dataclasses.asdict(opened.run.viz), **given, "feature_maps": True})
+    return viz.resolve_layer(opened.model, settings.layer), settings.num_images, settings.channels
 
 
 def _run_test_score(opened: OpenRun) -> tuple[str, float] | None:
@@ -157,21 +176,17 @@ def _run_test_score(opened: OpenRun) -> tuple[str, float] | None:
 
 
 def format_result(summary: dict[str, Any], result: Evaluation, classes: tuple[str, ...], out: Path) -> str:
-    totals = result.confusion.sum(axis=1)
-    correct = np.diag(result.confusion)
-    rates = np.divide(correct, totals, out=np.zeros(len(classes)), where=totals > 0)
-    worst = [i for i in np.argsort(rates, kind="stable") if totals[i] > 0][:WORST_SHOWN]
-    width = max([len("class")] + [len(classes[i]) for i in worst])
     lines = [
         f"{summary['model']} (epoch {summary['checkpoint_epoch']}, {Path(summary['checkpoint']).name}) "
         f"on {summary['dataset']} test: {summary['test_size']} images, {summary['device']}, {summary['seconds']:.1f} s",
         f"  accuracy  {summary['accuracy']:.2%}"
         + (f"  (the run's summary.json: {summary['run_test_acc']:.2%})" if "run_test_acc" in summary else ""),
         f"  loss      {summary['loss']:.4f} ({summary['loss_name']})",
-        "  worst classes:",
-        f"    {'class':<{width}}  accuracy  correct/total",
+        report.per_class_text(result.confusion, classes),
     ]
-    lines += [f"    {classes[i]:<{width}}  {rates[i]:>8.2%}  {f'{correct[i]}/{totals[i]}':>13}" for i in worst]
+    if "feature_maps" in summary:
+        maps = summary["feature_maps"]
+        lines.append(f"feature maps: {maps['panels']} images at {maps['layer']} ({maps['file']})")
     lines += [f"note: {note}" for note in summary["notes"]]
     lines.append(f"files: {out.resolve()}")
     return "\n".join(lines)

@@ -364,6 +364,7 @@ def _finish(s: TrainState) -> None:
         result = evaluate(s.model, s.data.test, s.ctx, t.eval_batch_size, s.spec.num_classes, s.data.workers)
         s.record.tested(result.loss, result.acc, "best" if s.data.val and epoch == s.best_epoch else "last")
         log.info("test (epoch %d weights): loss %.4f  accuracy %.2f%%", epoch, result.loss, 100 * result.acc)
+        log.info("%s", report.per_class_text(result.confusion, s.spec.classes))
         if s.world.is_main:
             report.write_confusion(s.run_dir, result.confusion, s.spec.classes)
             if s.prep.viz_layer:

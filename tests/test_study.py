@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
 
 from conftest import run_cnnlab
 
@@ -106,3 +109,48 @@ def test_test_every_epoch_puts_the_test_set_in_every_row_curve_tracker_and_repor
     dotted = [line for ax in figure.axes for line in ax.lines if line.get_linestyle() == ":"]
     assert len(dotted) == 4  # test loss and test accuracy of each of the two runs
     assert "test dotted" in figure._suptitle.get_text()
+
+
+def test_analysis_after_training_feature_maps_per_class_and_the_sweep_table(tmp_path: Path) -> None:
+    from PIL import Image
+
+    sweep_dir = tmp_path / "sweep"
+    result = run_cnnlab("-m", "+debug=smoke", "optimizer.lr=0.05,0.02", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = sweep_dir / "0_lr-0.05"
+    log = (run_dir / "train.log").read_text()
+    per_class = pd.read_csv(run_dir / "per_class_accuracy.csv")
+    assert "per-class test accuracy:" in log
+    for name, correct, total in zip(per_class["class"], per_class["correct"], per_class["total"]):
+        assert re.search(rf"  {name} +\d+\.\d\d%  \({correct}/{total}\)", log), name  # every class, as homework prints it
+
+    table = pd.read_csv(sweep_dir / "sweep_per_class.csv", index_col="class")
+    ranked = pd.read_csv(sweep_dir / "sweep_summary.csv")["run"].tolist()
+    assert list(table.columns) == ranked and list(table.index) == per_class["class"].tolist()
+    assert table["0_lr-0.05"].tolist() == pytest.approx(per_class["accuracy"].tolist())
+    assert "## Per-class test accuracy" in (sweep_dir / "sweep_summary.md").read_text()
+
+    out = tmp_path / "maps"
+    evaluated = run_cnnlab("evaluate", f"run={run_dir}", "feature_maps=true", "viz.num_images=3", "viz.layer=features.0",
+                           f"out={out}", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    maps = json.loads((out / "eval_summary.json").read_text())["feature_maps"]
+    assert maps["panels"] == 3 and maps["layer"] == "features.0" and len(maps["predicted"]) == 3
+    assert Image.open(out / "feature_maps.png").size[0] > 300
+    assert "per-class test accuracy:" in evaluated.stdout and "feature maps: 3 images at features.0" in evaluated.stdout
+    assert not (run_dir / "feature_maps.png").exists()  # the run's own files are left as they are
+    bad = run_cnnlab("evaluate", f"run={run_dir}", "feature_maps=true", "viz.layer=classifier", cwd=tmp_path)
+    assert bad.returncode == 2 and "is not a conv layer of this model; choose one of: features.0" in bad.stderr
+
+
+def test_a_hundred_classes_get_the_most_confused_pairs_instead_of_a_grid(tmp_path: Path) -> None:
+    result = run_cnnlab("+debug=smoke", "trainer.epochs=1", "dataset.num_classes=100", "dataset.train_size=1000",
+                        "dataset.test_size=300", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    confusion = pd.read_csv(tmp_path / "run" / "confusion_matrix.csv", index_col=0).to_numpy()
+    pairs = pd.read_csv(tmp_path / "run" / "confused_pairs.csv")
+    off = confusion.sum() - confusion.trace()
+    assert pairs["count"].sum() == off and pairs["count"].is_monotonic_decreasing
+    assert pairs.iloc[0]["count"] == (confusion - np.diag(np.diag(confusion))).max()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "per-class test accuracy (worst and best 10 of 100):" in log

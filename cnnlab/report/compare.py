@@ -63,6 +63,10 @@ def write_report(sources: Sequence[Path], out: Path, metric: str = "test_acc", f
     if seeds is not None:
         files.append(out / "sweep_seeds.csv")
         seeds.to_csv(files[-1], index=False)
+    per_class = per_class_table([_by_name(runs, n) for n in table["run"]])
+    if per_class is not None:
+        files.append(out / "sweep_per_class.csv")
+        per_class.to_csv(files[-1])
 
     figures = {
         "sweep_curves.png": curves_figure(runs, keys, facet) if any(r.metrics is not None for r in runs) else None,
@@ -75,10 +79,33 @@ def write_report(sources: Sequence[Path], out: Path, metric: str = "test_acc", f
             files.append(out / name)
 
     images = [f.name for f in files if f.suffix == ".png"]
-    markdown = render_markdown(sources, table, keys, metric, seeds, notes, images, labels)
+    sections = [_per_class_markdown(per_class)] if per_class is not None else []
+    markdown = render_markdown(sources, table, keys, metric, seeds, notes, images, labels, sections)
     atomic_write_text(out / "sweep_summary.md", markdown)
     files.insert(1, out / "sweep_summary.md")
     return Report(out, table, keys, files, notes)
+
+
+def per_class_table(runs: Sequence[Run]) -> pd.DataFrame | None:
+    """Test accuracy per class (rows) and run (columns, in ranking order), from each run's
+    per_class_accuracy.csv; None unless at least one run has one and they share their classes."""
+    columns = {}
+    for run in runs:
+        path = run.path / "per_class_accuracy.csv"
+        if path.is_file():
+            columns[run.name] = pd.read_csv(path).set_index("class")["accuracy"]
+    if not columns or len({tuple(c.index) for c in columns.values()}) > 1:
+        return None
+    table = pd.DataFrame(columns)
+    table.index.name = "class"
+    return table
+
+
+def _per_class_markdown(table: pd.DataFrame, shown: int = 20) -> str:
+    if len(table) > shown:
+        return (f"## Per-class test accuracy\n\n{len(table)} classes, one row each per run: "
+                f"`sweep_per_class.csv`.\n")
+    return "## Per-class test accuracy\n\n" + table.apply(lambda c: c.map(lambda v: f"{v:.1%}")).to_markdown() + "\n"
 
 
 def _by_name(runs: Sequence[Run], name: str) -> Run:
@@ -121,7 +148,7 @@ def stacked_metrics(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
 
 def render_markdown(sources: Sequence[Path], table: pd.DataFrame, keys: Sequence[str], metric: str,
                     seeds: pd.DataFrame | None, notes: Sequence[str], images: Sequence[str],
-                    labels: dict[str, str]) -> str:
+                    labels: dict[str, str], sections: Sequence[str] = ()) -> str:
     names = short_names(keys)
     all_runs = list(table["run"])
 
@@ -154,6 +181,7 @@ def render_markdown(sources: Sequence[Path], table: pd.DataFrame, keys: Sequence
     lines += _overfitting(table, describe) + _stuck(table, describe) + _unfinished(table, describe)
     if notes:
         lines += ["## Notes", "", *[f"- {note}" for note in notes], ""]
+    lines += list(sections)
     if images:
         lines += ["## Plots", "", *[f"![{name}]({name})" for name in images], ""]
     return "\n".join(lines)

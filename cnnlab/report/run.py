@@ -52,12 +52,42 @@ def write_confusion(run_dir: Path, matrix: np.ndarray, classes: Sequence[str]) -
         }
     )
     per_class.to_csv(run_dir / "per_class_accuracy.csv", index=False)
-
+    confused_pairs(matrix, classes).to_csv(run_dir / "confused_pairs.csv", index=False)
     confusion_figure(matrix, classes).savefig(run_dir / "confusion_matrix.png", dpi=120)
 
 
+def per_class_text(matrix: np.ndarray, classes: Sequence[str], shown: int = 20) -> str:
+    """"Accuracy of plane: 79.0% (790/1000)" per class; beyond `shown` classes the worst and best ten."""
+    totals, correct = matrix.sum(axis=1), np.diag(matrix)
+    rates = np.divide(correct, totals, out=np.zeros(len(classes)), where=totals > 0)
+    order = list(range(len(classes)))
+    if len(classes) > shown:  # 100 classes: the ends of the ranking say the most
+        ranked = sorted(order, key=lambda i: rates[i])
+        order = ranked[: shown // 2] + ranked[-(shown // 2):]
+    width = max(len(str(classes[i])) for i in order)
+    head = "per-class test accuracy" + (f" (worst and best {shown // 2} of {len(classes)})" if len(order) < len(classes) else "")
+    return "\n".join([head + ":"] + [f"  {str(classes[i]):<{width}}  {rates[i]:7.2%}  ({correct[i]}/{totals[i]})"
+                                     for i in order])
+
+
+def confused_pairs(matrix: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+    """Every (true, predicted) pair of different classes that occurred, most frequent first."""
+    true, predicted = np.nonzero(matrix * (1 - np.eye(len(classes), dtype=matrix.dtype)))
+    totals = matrix.sum(axis=1)
+    frame = pd.DataFrame({"true": [classes[i] for i in true], "predicted": [classes[j] for j in predicted],
+                          "count": matrix[true, predicted],
+                          "fraction_of_true": matrix[true, predicted] / np.maximum(totals[true], 1)})
+    return frame.sort_values(["count", "true"], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+
+GRID_CLASSES = 30  # above this a class-by-class grid cannot be read: the most-confused pairs are drawn instead
+
+
 def confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> Figure:
-    """The confusion matrix drawn: rows true class, columns predicted, coloured by row rate."""
+    """The confusion matrix drawn: rows true class, columns predicted, coloured by row rate; with more than
+    GRID_CLASSES classes, the most-confused pairs as bars instead."""
+    if len(classes) > GRID_CLASSES:
+        return _pairs_figure(matrix, classes)
     totals, correct = matrix.sum(axis=1), np.diag(matrix)
     k = len(classes)
     size = min(max(6, 0.45 * k), 30)
@@ -77,6 +107,21 @@ def confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> Figure:
                 ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
                         color="white" if rates[i, j] > 0.5 else "black")
     ax.set_title(f"Test confusion matrix ({int(matrix.sum())} images, accuracy {correct.sum() / max(matrix.sum(), 1):.2%})")
+    fig.tight_layout()
+    return fig
+
+
+def _pairs_figure(matrix: np.ndarray, classes: Sequence[str], shown: int = 30) -> Figure:
+    pairs = confused_pairs(matrix, classes).head(shown)
+    fig = Figure(figsize=(9, 1.5 + 0.3 * max(len(pairs), 1)))
+    ax = fig.subplots()
+    y = np.arange(len(pairs))[::-1]
+    ax.barh(y, pairs["count"], color="tab:red")
+    ax.set_yticks(y, [f"{t} → {p}" for t, p in zip(pairs["true"], pairs["predicted"])], fontsize=8)
+    ax.set_xlabel("test images (true → predicted)")
+    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
+    ax.set_title(f"The {len(pairs)} most-confused pairs of {len(classes)} classes ({int(matrix.sum())} test images, "
+                 f"accuracy {accuracy:.2%}); the whole matrix is in confusion_matrix.csv", fontsize=9)
     fig.tight_layout()
     return fig
 
