@@ -154,3 +154,51 @@ def test_a_hundred_classes_get_the_most_confused_pairs_instead_of_a_grid(tmp_pat
     assert pairs.iloc[0]["count"] == (confusion - np.diag(np.diag(confusion))).max()
     log = (tmp_path / "run" / "train.log").read_text()
     assert "per-class test accuracy (worst and best 10 of 100):" in log
+
+
+def _run(name: str, **params) -> "Run":
+    from cnnlab.record import Summary
+    from cnnlab.report.sweep import Run
+
+    return Run(path=Path(name), name=name, summary=Summary(), params=params, override_keys=[], metrics=None)
+
+
+def test_legend_labels_tell_every_run_apart() -> None:
+    from cnnlab.report.sweep import distinct_labels
+
+    runs = [_run("0", **{"optimizer.name": "adam", "optimizer.lr": 0.001, "optimizer.weight_decay": 0}),
+            _run("1", **{"optimizer.name": "radam", "optimizer.lr": 0.001, "optimizer.weight_decay": 0}),
+            _run("2", **{"optimizer.name": "sgd", "optimizer.lr": 0.05, "optimizer.weight_decay": 0.0005})]
+    labels = distinct_labels(runs, ["optimizer.lr", "optimizer.weight_decay"])
+    assert labels == {"0": "lr=0.001, weight_decay=0, optimizer=adam", "1": "lr=0.001, weight_decay=0, optimizer=radam",
+                      "2": "lr=0.05, weight_decay=0.0005"}
+    same = distinct_labels([_run("a", x=1), _run("b", x=1)], [])  # nothing differs: the directories do
+    assert len(set(same.values())) == 2
+
+
+def test_sweep_report_plots_accuracy_against_each_numeric_key(tmp_path: Path) -> None:
+    from cnnlab.report.sweep import find_runs, load_runs, summary_table, varied_keys
+    from cnnlab.report.sweep_plots import params_figure
+
+    sweep_dir = tmp_path / "sweep"
+    result = run_cnnlab("-m", "+debug=smoke", "trainer.epochs=1", "optimizer.lr=0.1,0.01,0.001",
+                        "optimizer.weight_decay=0,0.0005", "augmentation=flip,none", f"hydra.sweep.dir={sweep_dir}",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (sweep_dir / "sweep_params.png").stat().st_size > 10_000
+    table = pd.read_csv(sweep_dir / "sweep_summary.csv")
+    # one change, one column: augmentation.ops follows augmentation.name and gets no column of its own
+    assert "augmentation.name" in table and "augmentation.ops" not in table
+    for row in table.itertuples():
+        epochs = pd.read_csv(Path(row.path) / "metrics.csv")["epoch_seconds"]
+        assert row.seconds_per_epoch == pytest.approx(epochs.mean(), abs=1e-4)
+
+    runs = load_runs(find_runs([sweep_dir]))
+    keys = varied_keys(runs)
+    figure = params_figure(summary_table(runs, "test_acc", keys), keys, "test_acc")
+    lr_axis, wd_axis, heat = figure.axes[:3]
+    assert lr_axis.get_xscale() == "log" and wd_axis.get_xscale() == "symlog"  # 0 is one of the decays
+    assert len(lr_axis.lines) == 4  # one line per (weight decay, augmentation)
+    frame = summary_table(runs, "test_acc", keys)
+    expected = frame.pivot_table(index="optimizer.lr", columns="optimizer.weight_decay", values="test_acc", aggfunc="mean")
+    assert np.asarray(heat.images[0].get_array()) == pytest.approx(expected.to_numpy())

@@ -21,9 +21,9 @@ import pandas as pd
 from cnnlab.checkpoint import atomic_write_text
 from cnnlab.checks import ConfigError
 from cnnlab.report.sweep import (
-    RANK_METRICS, Run, find_runs, load_runs, run_label, seed_aggregate, short_names, summary_table, varied_keys,
+    RANK_METRICS, Run, distinct_labels, find_runs, load_runs, seed_aggregate, short_names, summary_table, varied_keys,
 )
-from cnnlab.report.sweep_plots import accuracy_bars_figure, confusion_grid_figure, curves_figure
+from cnnlab.report.sweep_plots import accuracy_bars_figure, confusion_grid_figure, curves_figure, params_figure
 
 MARKDOWN_COLUMNS = (
     "best_epoch", "best_val_acc", "test_acc", "test_loss", "final_train_loss", "final_val_loss", "gap",
@@ -54,8 +54,7 @@ def write_report(sources: Sequence[Path], out: Path, metric: str = "test_acc", f
     except OSError as err:
         raise ConfigError(f"cannot write the report to {out}: {err.strerror or err}; choose another directory with --out") from None
 
-    names = short_names(keys)
-    labels = {run.name: run_label(run, keys, names) for run in runs}
+    labels = distinct_labels(runs, keys)
     files = [out / "sweep_summary.csv", out / "sweep_metrics.csv"]
     table.to_csv(files[0], index=False)
     stacked_metrics(runs, keys).to_csv(files[1], index=False)
@@ -70,6 +69,7 @@ def write_report(sources: Sequence[Path], out: Path, metric: str = "test_acc", f
 
     figures = {
         "sweep_curves.png": curves_figure(runs, keys, facet) if any(r.metrics is not None for r in runs) else None,
+        "sweep_params.png": params_figure(table, keys, metric),
         "sweep_test_acc.png": accuracy_bars_figure(table, labels),
         "sweep_confusion.png": confusion_grid_figure([_by_name(runs, n) for n in table["run"]], labels),
     }

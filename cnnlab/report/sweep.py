@@ -171,7 +171,21 @@ def varied_keys(runs: Sequence[Run]) -> list[str]:
         values = {json.dumps(run.params[key], sort_keys=True, default=str) for run in runs if key in run.params}
         if key not in IGNORED_KEYS and len(values) > 1:
             varied.append(key)
-    return varied
+    return [key for key in varied if not _implied(key, varied, runs)]
+
+
+def _implied(key: str, varied: Sequence[str], runs: Sequence[Run]) -> bool:
+    """A list-valued key that only follows its group's choice (augmentation.ops with augmentation=cifar,none):
+    one change, so one column, the name's; lists the user set themselves stay."""
+    group = key.rsplit(".", 1)[0]
+    name = f"{group}.name"
+    if name not in varied or key == name or any(key in run.override_keys for run in runs):
+        return False
+    if not any(str(run.params.get(key)).startswith(("[", "{")) for run in runs):  # lists are kept as JSON text
+        return False
+    pairs = {(json.dumps(run.params.get(name), default=str), json.dumps(run.params.get(key), sort_keys=True, default=str))
+             for run in runs}
+    return len(pairs) == len({n for n, _ in pairs})  # each choice has one value of it
 
 
 def short_names(keys: Sequence[str]) -> dict[str, str]:
@@ -194,6 +208,24 @@ def run_label(run: Run, keys: Sequence[str], names: dict[str, str]) -> str:
     """What tells this run apart: `lr=0.1, activation=tanh`; the directory name if nothing varied."""
     parts = [f"{names[k]}={format_value(run.params.get(k))}" for k in keys]
     return ", ".join(parts) if parts else run.name
+
+
+def distinct_labels(runs: Sequence[Run], keys: Sequence[str]) -> dict[str, str]:
+    """run name -> a label no other of `runs` has: `keys`' values, then whatever else tells runs that
+    share them apart (Adam and RAdam at one lr differ in optimizer.name), then the run's directory."""
+    names = short_names(keys)
+    labels = {run.name: run_label(run, keys, names) for run in runs}
+    for label in {v for v in labels.values() if list(labels.values()).count(v) > 1}:
+        twins = [run for run in runs if labels[run.name] == label]
+        extra = [k for k in varied_keys(twins) if k not in keys]
+        extra_names = short_names(extra)
+        for run in twins:
+            more = ", ".join(f"{extra_names[k]}={format_value(run.params.get(k))}" for k in extra)
+            labels[run.name] = ", ".join(p for p in (label if keys else "", more) if p) or run.name
+    if len(set(labels.values())) < len(labels):  # still twins (same config, e.g. a repeated run): the directory
+        labels = {name: f"{label} ({name})" if list(labels.values()).count(label) > 1 else label
+                  for name, label in labels.items()}
+    return labels
 
 
 def _finite(value: Any) -> float | None:
@@ -230,6 +262,7 @@ def run_row(run: Run, keys: Sequence[str]) -> dict[str, Any]:
         **overfitting(m),
         params=s.params_total,
         train_seconds=s.train_seconds,
+        seconds_per_epoch=_mean(m, "epoch_seconds"),  # training + validation, as metrics.csv times it
         epochs=_first(s.epochs_completed, len(m) if m is not None else 0),
         error=s.error,
         # the doctor's standing verdict: collapsed at chance level (trainer.stop_when_stuck stops such runs)
@@ -238,6 +271,13 @@ def run_row(run: Run, keys: Sequence[str]) -> dict[str, Any]:
         path=str(run.path),
     )
     return row
+
+
+def _mean(metrics: pd.DataFrame | None, column: str) -> float | None:
+    if metrics is None or column not in metrics:
+        return None
+    values = pd.to_numeric(metrics[column], errors="coerce").dropna()
+    return round(float(values.mean()), 4) if len(values) else None
 
 
 def _first(value: Any, fallback: Any) -> Any:

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure  # the object API: no backend chosen (see r
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from cnnlab.report.sweep import Run, format_value, overfitting, run_label, short_names
+from cnnlab.report.sweep import SEED_KEY, Run, distinct_labels, format_value, overfitting, run_label, short_names
 
 STATUS_COLORS = {"completed": "tab:blue", "diverged": "tab:orange", "failed": "tab:red", "killed": "tab:red",
                  "interrupted": "tab:purple", "stuck": "tab:brown"}
@@ -35,7 +35,7 @@ def curves_figure(runs: Sequence[Run], keys: Sequence[str], facet: Sequence[str]
     line_keys = [k for k in keys if k not in facet]
     groups = _facet_groups(plotted, facet)
     labels = list(dict.fromkeys(run_label(run, line_keys, names) for run in plotted))
-    colors = dict(zip(labels, _palette(len(labels))))
+    colors = dict(zip(labels, _palette(len(labels))))  # one setting, one colour, in every row
 
     fig = Figure(figsize=(13, 3.6 * len(groups)), layout="constrained")
     axes = fig.subplots(len(groups), 2, squeeze=False)
@@ -59,8 +59,8 @@ def curves_figure(runs: Sequence[Run], keys: Sequence[str], facet: Sequence[str]
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
-        _legend(ax_acc, [(colors[label], label) for label in dict.fromkeys(
-            run_label(run, line_keys, names) for run in members)])
+        legend = distinct_labels(members, line_keys)  # unique within the row, whatever it takes
+        _legend(ax_acc, [(colors[run_label(run, line_keys, names)], legend[run.name]) for run in members])
     tested = any("test_acc" in run.metrics for run in plotted)
     fig.suptitle(f"val solid, train dashed{', test dotted' if tested else ''}; ▼ lowest val loss of a run that "
                  f"overfitted", fontsize=10)
@@ -87,10 +87,8 @@ def _palette(n: int) -> list:
 
 def _legend(ax: Axes, entries: list[tuple]) -> None:
     handles = [Line2D([], [], color=color, lw=2, label=label) for color, label in entries]
-    if len(handles) <= 8:
-        ax.legend(handles=handles, fontsize=8, loc="best")
-    else:  # many lines: outside the panel so no curve is hidden
-        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    # beside the panel, never on it: no curve is hidden behind a legend
+    ax.legend(handles=handles, fontsize=8 if len(handles) <= 8 else 7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
 
 
 def accuracy_bars_figure(table: pd.DataFrame, labels: dict[str, str]) -> Figure:
@@ -142,3 +140,71 @@ def confusion_grid_figure(runs: Sequence[Run], labels: dict[str, str]) -> Figure
     fig.colorbar(image, ax=axes, shrink=0.6, label="fraction of true class")
     fig.suptitle("Test confusion matrices (rows: true class, columns: predicted)", fontsize=10)
     return fig
+
+
+LOG_SCALE_KEYS = ("lr", "weight_decay")  # searched over decades: a log axis (as are values spanning 100x)
+
+
+def numeric_keys(table: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    """The varied keys whose values are numbers (not the seed: runs over seeds are averaged instead)."""
+    found = []
+    for key in keys:
+        values = [v for v in table[key] if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if key != SEED_KEY and numbers and len(set(values)) > 1:
+            found.append(key)
+    return found
+
+
+def params_figure(table: pd.DataFrame, keys: Sequence[str], metric: str) -> Figure | None:
+    """How the metric depends on each numeric swept key: one line per setting of the other keys (the mean
+    over seeds); with two numeric keys, also a heatmap of the two (the mean over everything else)."""
+    numeric = numeric_keys(table, keys)
+    if not numeric:
+        return None
+    names = short_names(keys)
+    data = table.assign(**{metric: pd.to_numeric(table[metric], errors="coerce")})
+    panels = len(numeric) + (len(numeric) == 2)
+    fig = Figure(figsize=(6.5 * panels, 4.2), layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    for ax, key in zip(axes, numeric):
+        others = [k for k in keys if k not in (key, SEED_KEY)]
+        lines = data.assign(_line=[", ".join(f"{names[k]}={format_value(v)}" for k, v in zip(others, row))
+                                   for row in data[others].itertuples(index=False)] if others else "")
+        means = lines.groupby(["_line", key], sort=False)[metric].mean().reset_index()
+        entries = []
+        for (label, rows), color in zip(means.groupby("_line", sort=False), _palette(means["_line"].nunique())):
+            rows = rows.sort_values(key)
+            ax.plot(rows[key], rows[metric], "-o", color=color, markersize=4)
+            entries.append((color, label or metric))
+        _scale(ax, key, means[key].astype(float))
+        ax.set(xlabel=key, ylabel=metric, title=f"{metric} against {names[key]}")
+        ax.grid(alpha=0.3)
+        if others:
+            _legend(ax, entries)
+    if len(numeric) == 2:
+        _heatmap(axes[-1], data, numeric, metric)
+    return fig
+
+
+def _scale(ax: Axes, key: str, values: pd.Series) -> None:
+    """A log axis for lr and weight decay, or values spanning 100x; symlog where 0 is one of them (no decay)."""
+    positive = values[values > 0]
+    if positive.empty or not (key.rsplit(".", 1)[-1] in LOG_SCALE_KEYS or positive.max() / positive.min() >= 100):
+        return
+    if (values <= 0).any():
+        ax.set_xscale("symlog", linthresh=float(positive.min()))
+    else:
+        ax.set_xscale("log")
+
+
+def _heatmap(ax: Axes, data: pd.DataFrame, pair: Sequence[str], metric: str) -> None:
+    grid = data.pivot_table(index=pair[0], columns=pair[1], values=metric, aggfunc="mean")
+    image = ax.imshow(grid.to_numpy(dtype=float), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), [format_value(v) for v in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [format_value(v) for v in grid.index])
+    ax.set(xlabel=pair[1], ylabel=pair[0], title=f"{metric} (mean over the other keys)")
+    for (i, j), value in np.ndenumerate(grid.to_numpy(dtype=float)):
+        if not math.isnan(value):
+            ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=8, color="white")
+    ax.figure.colorbar(image, ax=ax, label=metric)
