@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from cnnlab import distributed, usercode
 from cnnlab.callbacks import Refused
 from cnnlab.checks import ConfigError
+from cnnlab.completion import complete
 from cnnlab.config import config_dir
 from cnnlab.interrupt import Interrupted
 from cnnlab.job import checked_command_line, continue_command, run_job
@@ -76,6 +77,11 @@ def main() -> None:
         sys.exit(0)
     if sys.argv[1:2] in (["--help"], ["-h"]):  # the subcommands first, then Hydra's own help
         print(USAGE)
+    if {"-sc", "--shell-completion"} & set(sys.argv) and any(a.startswith("query=") for a in sys.argv):
+        words, hydra_too = complete(os.environ.get("COMP_LINE", ""), SUBCOMMANDS)
+        print(" ".join(words))
+        if not hydra_too:  # a subcommand's line: Hydra would only misread it as overrides
+            sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         sys.exit(importlib.import_module(SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:]))
     message = missing_launcher_message(sys.argv[1:])

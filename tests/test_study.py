@@ -202,3 +202,23 @@ def test_sweep_report_plots_accuracy_against_each_numeric_key(tmp_path: Path) ->
     frame = summary_table(runs, "test_acc", keys)
     expected = frame.pivot_table(index="optimizer.lr", columns="optimizer.weight_decay", values="test_acc", aggfunc="mean")
     assert np.asarray(heat.images[0].get_array()) == pytest.approx(expected.to_numpy())
+
+
+@pytest.mark.parametrize(("line", "expected", "absent"), [
+    ("cnnlab mod", ["models", "model="], []),
+    ("cnnlab ev", ["evaluate"], []),
+    ("cnnlab evaluate ru", ["run="], ["Error"]),
+    ("cnnlab evaluate run=x da", ["dataset=", "dataset."], ["Error"]),
+    ("cnnlab predict run=x ima", ["images="], ["Error"]),
+    ("cnnlab models --ne", ["--near"], ["Error"]),
+    ("cnnlab optimizer.l", ["optimizer.lr="], ["evaluate"]),
+])
+def test_shell_completion_completes_subcommands_without_errors(tmp_path: Path, line: str, expected: list[str],
+                                                               absent: list[str]) -> None:
+    result = run_cnnlab("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": line, "COMP_POINT": str(len(line))})
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    words = result.stdout.split()
+    for word in expected:
+        assert word in words, (word, words)
+    for word in absent:
+        assert word not in result.stdout

@@ -22,6 +22,7 @@ from cnnlab.models import build_model, family, zoo
 from cnnlab.models.card import human, model_card
 
 PROG = "cnnlab models"
+OPTIONS = ("--dataset", "--sort", "--near", "--family", "--csv", "model=")  # for shell completion
 SORT_KEYS = ("params", "flops", "name")
 
 
