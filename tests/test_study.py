@@ -156,7 +156,7 @@ def test_a_hundred_classes_get_the_most_confused_pairs_instead_of_a_grid(tmp_pat
     assert "per-class test accuracy (worst and best 10 of 100):" in log
 
 
-def _run(name: str, **params) -> "Run":
+def _run(name: str, **params):  # a report.sweep.Run
     from cnnlab.record import Summary
     from cnnlab.report.sweep import Run
 
