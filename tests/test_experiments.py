@@ -93,3 +93,32 @@ def test_preset_without_multirun_warns(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "defines a sweep (model.kernel_size=3,5, trainer.seed=0,1,2) but runs once" in done.stdout + done.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+
+
+SMALL = ("dataset.download=false", "dataset.subset=48", "dataset.val_split=8", "trainer.epochs=1",
+         "trainer.batch_size=16", "trainer.eval_batch_size=64", "trainer.device=cpu", "trainer.progress=false",
+         "trainer.checkpoints=none")  # ResNet-18 checkpoints are 45 MB each: not what these tests check
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(EXPECTED) if n != "kernel_size"])  # kernel_size: above
+def test_every_preset_runs_end_to_end_on_small_data(name: str, tmp_path: Path) -> None:
+    """Each study's whole sweep, on CIFAR files in the real format (a few dozen images) for one epoch."""
+    from test_data import write_cifar10, write_cifar100
+
+    root = tmp_path / "data"
+    write_cifar10(root)
+    write_cifar100(root)
+    sweep = tmp_path / "sweep"
+    done = run_cnnlab("-m", f"+experiment={name}", f"dataset.root={root}", *SMALL, f"hydra.sweep.dir={sweep}",
+                      cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = pd.read_csv(sweep / "sweep_summary.csv")
+    assert len(table) == len(preset_jobs(name)) and (table["status"] == "completed").all(), table[["run", "status"]]
+    assert (sweep / "sweep_curves.png").is_file() and (sweep / "sweep_summary.md").is_file()
+    if name == "lenet_grid":  # the paper's LeNet, with test curves and error plots
+        first = Path(table["path"][0])
+        summary = json.loads((first / "summary.json").read_text())
+        assert summary["params_total"] == 62_006
+        assert summary["config"]["trainer"]["test_every_epoch"] and summary["config"]["viz"]["curves"] == "error"
+        assert "test_acc" in pd.read_csv(first / "metrics.csv")
+        assert (sweep / "sweep_params.png").is_file()  # accuracy against the learning rate
