@@ -92,10 +92,10 @@ def test_evaluate_defaults_reproduce_the_runs_test_score(run_dir: Path, capsys: 
     assert per_class.equals(pd.read_csv(run_dir / "per_class_accuracy.csv"))
     assert (out / "confusion_matrix.png").read_bytes().startswith(PNG_MAGIC)
 
-    worst = per_class.sort_values("accuracy", kind="stable")["class"].iloc[0]
     assert f"accuracy  {run_summary['test_acc']:.2%}" in printed
     assert f"{run_summary['test_loss']:.4f}" in printed
-    assert f"\n    {worst} " in printed  # the worst class is listed
+    for row in per_class.itertuples():  # every class's accuracy ("class_3  83.33%  (10/12)")
+        assert f"\n  {row._1}  {row.accuracy:7.2%}  ({row.correct}/{row.total})" in printed
     assert f"files: {out}" in printed
     assert run_files(run_dir) == before
 
@@ -127,7 +127,8 @@ def test_evaluate_last_checkpoint_on_a_subset(run_dir: Path, tmp_path: Path, cap
     assert read_summary(custom)["accuracy"] == summary["accuracy"]
     assert read_summary(custom)["eval_batch_size"] == 7
     assert sorted(p.name for p in custom.iterdir()) == [
-        "confusion_matrix.csv", "confusion_matrix.png", "eval_summary.json", "per_class_accuracy.csv"]
+        "confused_pairs.csv", "confusion_matrix.csv", "confusion_matrix.png", "eval_summary.json",
+        "per_class_accuracy.csv"]
     assert run_files(run_dir) == before
     capsys.readouterr()
 
