@@ -170,11 +170,11 @@ def train(*overrides: str, model: Any = None, run_dir: str | os.PathLike | None 
         args.append(f"hydra.run.dir={_quoted(Path(run_dir).expanduser().resolve())}")
     with _handed_over(model, args) as args:
         returned = _hydra(args, multirun=False)
-    resume = next((a.split("=", 1)[1] for a in args if a.startswith("trainer.resume=")), None)
+    resume = _given(args, "trainer.resume")
     if resume:  # a resume continues in the run's own directory, wherever Hydra pointed
         from cnnlab.resume import resume_point
 
-        return Run(resume_point(_unquoted(resume)).run_dir.resolve())
+        return Run(resume_point(resume).run_dir.resolve())
     return Run(Path(returned.hydra_cfg.hydra.runtime.output_dir).resolve())
 
 
@@ -191,7 +191,7 @@ def sweep(*overrides: str, sweep_dir: str | os.PathLike | None = None, model: An
                           "for a parallel launcher name its module instead: model=custom model._target_=mynet.TinyVGG")
     rundir.forget_claims()
     # named here, not by Hydra's ${now}: two sweeps started in the same second get two directories
-    name = next((a.split("=", 1)[1] for a in args if a.startswith("name=")), None)  # a named sweep re-runs in place
+    name = _given(args, "name")  # a named sweep re-runs in place
     directory = Path(sweep_dir or (f"outputs/sweeps/{name}" if name else
                                    rundir.unique_dir(time.strftime("outputs/sweeps/%Y-%m-%d_%H-%M-%S"))))
     args.append(f"hydra.sweep.dir={_quoted(directory.expanduser().resolve())}")
@@ -220,8 +220,10 @@ def _quoted(path: Path) -> str:
     return shlex.quote(str(path)) if set(str(path)) & set(" ,=[]{}()'\"\\:") else str(path)
 
 
-def _unquoted(value: str) -> str:
-    return shlex.split(value)[0] if value[:1] in "'\"" else value
+def _given(args: Sequence[str], key: str) -> str | None:
+    """The value an override in `args` gives `key` (unquoted), or None."""
+    value = next((a.split("=", 1)[1] for a in args if a.startswith(f"{key}=")), None)
+    return shlex.split(value)[0] if value and value[:1] in "'\"" else value
 
 
 @contextmanager
@@ -234,11 +236,11 @@ def _handed_over(model: Any, args: list[str]) -> Iterator[list[str]]:
 
     if not (isinstance(model, torch.nn.Module) or callable(model)):
         raise ConfigError(f"model={model!r} is neither an nn.Module (class or instance) nor a function returning one")
-    resume = next((a.split("=", 1)[1] for a in args if a.startswith("trainer.resume=")), None)
+    resume = _given(args, "trainer.resume")
     if resume:  # the run's own config names the model; hand the object over under that name
         from cnnlab.resume import resume_point
 
-        target = (resume_point(_unquoted(resume)).saved_config().get("model") or {}).get("_target_")
+        target = (resume_point(resume).saved_config().get("model") or {}).get("_target_")
         if not target:
             raise ConfigError(f"trainer.resume={resume} trained one of cnnlab's models; resume it without model=")
         selected = args

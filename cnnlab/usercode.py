@@ -83,7 +83,7 @@ def import_module(name: str, key: str) -> Any:
     except ConfigError as err:
         raise ConfigError(f"{key}: importing {name} failed: {err}") from None
     except Exception as err:  # noqa: BLE001 - the user's module: any error is theirs to fix, one line
-        raise ConfigError(f"{key}: importing {name} raised {_where(err)}; fix the module and run again") from None
+        raise ConfigError(f"{key}: importing {name} raised {error_text(err)}; fix the module and run again") from None
 
 
 def locate(path: str, key: str) -> Any:
@@ -145,7 +145,7 @@ def call(factory: Callable[..., Any], path: str, key: str, given: dict[str, Any]
         raise
     except Exception as err:  # noqa: BLE001 - the user's constructor
         args = ", ".join(f"{k}={v!r}" for k, v in given.items())
-        raise ConfigError(f"{key}: {path}({args}) raised {_where(err)}; check the arguments against its signature"
+        raise ConfigError(f"{key}: {path}({args}) raised {error_text(err)}; check the arguments against its signature"
                           f"{' (' + describe(signature) + ')' if signature else ''}") from None
 
 
@@ -153,7 +153,7 @@ def describe(signature: inspect.Signature) -> str:
     return ", ".join(str(p) for p in signature.parameters.values()) or "none"
 
 
-def _where(err: BaseException) -> str:
+def error_text(err: BaseException) -> str:
     """`TypeError: message (file.py, line N)`: the user's frame nearest the error."""
     frames = [f for f in inspect.getinnerframes(err.__traceback__)] if err.__traceback__ else []
     theirs = [f for f in frames if "/cnnlab/" not in f.filename.replace(os.sep, "/") and "site-packages" not in f.filename]
@@ -175,6 +175,6 @@ def load_entry_points(group: str) -> list[tuple[str, Any]]:
         try:
             loaded.append((ep.name, ep.load()))
         except Exception as err:  # noqa: BLE001 - a broken plugin
-            ENTRY_POINT_FAILURES[f"{group}:{ep.name}"] = f"entry point {ep.name} = {ep.value} failed to load: {_where(err)}"
+            ENTRY_POINT_FAILURES[f"{group}:{ep.name}"] = f"entry point {ep.name} = {ep.value} failed to load: {error_text(err)}"
             log.warning("%s", ENTRY_POINT_FAILURES[f"{group}:{ep.name}"])
     return loaded

@@ -109,7 +109,7 @@ def _probe(model: nn.Module, path: str, in_channels: int, num_classes: int, inpu
             out = model(torch.zeros(shape, device=next(model.parameters(), torch.empty(0)).device))
     except Exception as err:  # noqa: BLE001 - the user's forward
         raise ConfigError(f"model: {path} fails on a {'x'.join(map(str, shape[1:]))} image (what this dataset gives): "
-                          f"{usercode._where(err)}; check that its layers are sized from in_channels, image_size and "
+                          f"{usercode.error_text(err)}; check that its layers are sized from in_channels, image_size and "
                           f"num_classes, which cnnlab passes when the constructor takes them") from None
     finally:
         model.train(was_training)
