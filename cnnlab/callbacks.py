@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.checks import ConfigError, unwritable_reason
 from cnnlab.rundir import holds_a_run, note_new
+from cnnlab.search.settings import SWEEPER_TARGET
 
 
 class Refused(SystemExit):
@@ -46,6 +47,8 @@ class SweepStatus(Callback):
             print(f"  {run.status:<11} {run.name}  {detail}")
         if runs:
             write_sweep_report(sweep_dir, config)
+        if OmegaConf.select(config, "hydra.sweeper._target_") == SWEEPER_TARGET:
+            write_search_findings(sweep_dir, config.hydra.sweeper, int(OmegaConf.select(config, "trainer.epochs")))
         failed = [run.name for run in runs if run.status in ("failed", "killed", "unreadable")]
         if failed:
             print(f"{len(failed)} of {len(runs)} jobs failed: {', '.join(failed)}", file=sys.stderr)
@@ -69,6 +72,26 @@ def write_sweep_report(sweep_dir: Path, config: DictConfig) -> None:
     for note in report.notes:
         print(f"note: {note}")
     print(f"report: {(sweep_dir / 'sweep_summary.md').resolve()}")
+
+
+def write_search_findings(sweep_dir: Path, sweeper: DictConfig, epochs: int) -> None:
+    """A search's own report (best trial, history, importances); printed last: the best trial's command."""
+    from cnnlab.report.search import write_search_report  # Optuna and matplotlib load only when a search ends
+
+    try:
+        findings = write_search_report(sweep_dir, sweeper, epochs)
+    except ConfigError as err:
+        print(f"search report not written: {err}", file=sys.stderr)
+        return
+    except Exception:  # as for the sweep report: never at the cost of the sweep's exit status
+        print("search report not written:", file=sys.stderr)
+        traceback.print_exc()
+        return
+    for note in findings.notes:
+        print(f"note: {note}")
+    print(f"search report: {(sweep_dir / 'search_summary.md').resolve()}")
+    for line in findings.lines:
+        print(line)
 
 
 class OutputDirCheck(Callback):

@@ -2,8 +2,8 @@
 
     setup    build the model, data, step context, optimizer and schedule (build.py, data/batches.py)
     resume   with trainer.resume: weights, optimizer, schedule position, RNGs, a partial epoch
-    epochs   train (engine.py), validate, log, examine (doctor.py), checkpoint; stop on divergence,
-             a stuck run (trainer.stop_when_stuck) or a signal (checkpointed at a step boundary)
+    epochs   train (engine.py), validate, log, examine (doctor.py), checkpoint; stop on divergence, a
+             stuck run (trainer.stop_when_stuck), a search's pruner or a signal (checkpointed at a step)
     finish   score the best weights on the test set; confusion matrix, feature maps, curves
 
 Every file of the run directory is written here or by what is called from here; summary.json
@@ -18,7 +18,6 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,71 +29,30 @@ from cnnlab.build import (
 from cnnlab.checkpoint import atomic_write_text, load_checkpoint, remove_partial_writes, rng_state, save_checkpoint
 from cnnlab.checks import ConfigError
 from cnnlab.config import RunConfig
-from cnnlab.data import DatasetSpec, Split, load_dataset
-from cnnlab.data.batches import Batches, RunData, StreamingBatches, head, place_data
+from cnnlab.data import load_dataset
+from cnnlab.data.batches import head, place_data
 from cnnlab.distributed import World, world_from_env
-from cnnlab.engine import EpochState, Evaluation, StepContext, evaluate, run_steps
+from cnnlab.engine import EpochState, Evaluation, evaluate, run_steps
 from cnnlab.interrupt import GracefulStop, Interrupted
-from cnnlab.models.card import ModelCard
 from cnnlab.optim import build_optimizer, build_scheduler
 from cnnlab.record import RunRecord, Summary, claim
 from cnnlab.resume import check_epochs, restore, resume_point, trim_metrics
+from cnnlab.search.trial import EpochJudge
 from cnnlab.trackers import Trackers, open_trackers
+from cnnlab.trainstate import TrainState
 
 log = logging.getLogger("cnnlab")
 PROGRESS_DELAY_S = 2.0  # an epoch shorter than this shows no bar at all: no flicker on quick runs
 
 
-@dataclass
-class TrainState:
-    """What the phases share: the built run (set up once) and the counters the epochs advance."""
-
-    run: RunConfig
-    run_dir: Path
-    record: RunRecord
-    trackers: Trackers
-    stop: GracefulStop
-    world: World
-    prep: Prepared  # device, pipeline, the model (its weights are what evaluation and checkpoints use)
-    card: ModelCard
-    spec: DatasetSpec  # with the class names the dataset's files hold
-    data: RunData
-    ctx: StepContext
-    batches: Batches | StreamingBatches
-    step_model: torch.nn.Module  # the module training steps run: compiled and/or DDP-wrapped `model`
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    generator: torch.Generator  # the data order and augmentation draws
-    probe: Split  # the doctor's fixed batch: the same on every rank
-    doctor: doctor.Settings
-    done: int = 0  # epochs finished
-    best_acc: float = -1.0  # best validation accuracy (without validation: the epoch number)
-    best_loss: float = math.inf  # its validation loss: of two epochs with one accuracy, the lower loss is best
-    best_epoch: int = 0
-    best_state: dict[str, torch.Tensor] | None = None  # the best epoch's weights when best.pt is not kept
-    train_seconds: float = 0.0
-    partial: EpochState | None = None  # an epoch an interrupt stopped, to continue
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.prep.model
-
-    @property
-    def device(self) -> torch.device:
-        return self.prep.device
-
-    def stopping(self) -> bool:
-        """A signal asked to stop; under torchrun every rank must stop at the same step, so one rank's counts."""
-        return distributed.any_rank(self.stop.requested()) if self.world.distributed else self.stop.requested()
-
-
-def fit(run: RunConfig, run_dir: Path, overrides: list[str] | None = None, record: RunRecord | None = None) -> Summary:
+def fit(run: RunConfig, run_dir: Path, overrides: list[str] | None = None, record: RunRecord | None = None,
+        judge: EpochJudge | None = None) -> Summary:
     """Train one run, or continue it with trainer.resume, writing every file of the run-directory contract.
 
     Returns the summary. `record`: the run's record when the caller made it (the CLI, to record
     failures before fit too); by default a new one, or the resumed run's. A resume that fails
     before training starts leaves the run's summary.json as it was; any other failure is recorded.
-    """
+    `judge`: a search trial's pruner (search/trial.py), asked after each epoch; it may end the run."""
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = list(overrides or [])
     world = world_from_env()
@@ -102,10 +60,11 @@ def fit(run: RunConfig, run_dir: Path, overrides: list[str] | None = None, recor
         opener = RunRecord.for_resume if run.trainer.resume else RunRecord.new
         record = opener(run_dir, overrides, writes=world.is_main)
     with claim(run_dir) if world.is_main else contextlib.nullcontext():  # one live process per run dir
-        return _fit(run, run_dir, overrides, record, world)
+        return _fit(run, run_dir, overrides, record, world, judge)
 
 
-def _fit(run: RunConfig, run_dir: Path, overrides: list[str], record: RunRecord, world: World) -> Summary:
+def _fit(run: RunConfig, run_dir: Path, overrides: list[str], record: RunRecord, world: World,
+         judge: EpochJudge | None) -> Summary:
     configure_determinism(run.trainer.deterministic)
     if run.trainer.num_threads:
         torch.set_num_threads(run.trainer.num_threads)
@@ -119,6 +78,7 @@ def _fit(run: RunConfig, run_dir: Path, overrides: list[str], record: RunRecord,
         # signals are caught from the start, so one that comes during set-up also stops cleanly at the first step
         with GracefulStop() as stop:
             state = _setup(run, prep, run_dir, record, trackers, stop, world)
+            state.judge = judge
             if run.trainer.resume:
                 _resume(state, overrides)
             _record_built(state)
@@ -297,9 +257,18 @@ def _end_epoch(s: TrainState, epoch: int, state: EpochState) -> bool:
                         val.acc if val else None)
     if s.stopping():  # the signal came during validation or the save: stop at this boundary
         raise _interrupted(s, epoch, None)
+    return _goes_on(s, epoch, diagnosis, val)
+
+
+def _goes_on(s: TrainState, epoch: int, diagnosis: doctor.Diagnosis | None, val: Evaluation | None) -> bool:
+    """Whether the run trains another epoch: not when stuck (with trainer.stop_when_stuck) or pruned."""
     if diagnosis and diagnosis.stuck and s.run.trainer.stop_when_stuck:
         s.record.stuck(epoch)
         log.warning("trainer.stop_when_stuck: ending the run after epoch %d of %d", epoch, s.run.trainer.epochs)
+        return False
+    if val and s.judge and distributed.broadcast(  # rank 0's verdict on every rank
+            s.judge(epoch, {"val_acc": val.acc, "val_loss": val.loss, "best_val_acc": s.best_acc})):
+        s.record.pruned(epoch)
         return False
     return True
 

@@ -24,6 +24,8 @@ from cnnlab.precheck import check_command_line, varying_keys
 from cnnlab.record import RunRecord, Summary, read_summary
 from cnnlab.report import console_table
 from cnnlab.resume import resume_argv, resume_point, resumed_config
+from cnnlab.search.plugin import register_sweeper
+from cnnlab.search.trial import trial_judge
 from cnnlab.rundir import SWEEP_COMMAND_ENV, SWEEP_KEYS_ENV, holds_a_run, release
 from cnnlab.fit import fit
 
@@ -61,8 +63,10 @@ def run_job(cfg: DictConfig) -> Summary | None:
         run_dir = Path(distributed.broadcast(str(run_dir)))  # under torchrun: rank 0's run dir for every rank
         opener = RunRecord.for_resume if run.trainer.resume else RunRecord.new
         record = opener(run_dir, overrides, writes=world.is_main)
+        judge = trial_judge(hydra_cfg.sweeper, Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, run_dir,
+                            run.trainer.epochs) if multirun else None  # a search's trial: its pruner
         with job_placement(cfg):  # jobs side by side: a share of the CPU threads, a GPU each
-            summary = fit(run, run_dir, overrides, record)
+            summary = fit(run, run_dir, overrides, record, judge)
     except Interrupted:  # checkpointed at a step boundary; summary.json says interrupted
         raise
     except Exception as err:
@@ -139,6 +143,7 @@ def checked_command_line(argv: list[str], env: MutableMapping[str, str]) -> list
     """The command line with trainer.resume made safe, every job composed and checked (ConfigError
     otherwise); for a sweep, `env` gets what its jobs' directories and its stop message need."""
     offer_registered_models(argv)  # `model=<name>` for models registered in Python
+    register_sweeper()  # hydra/sweeper=optuna, whatever kind of install this is
     given, argv = argv, resume_argv(argv)
     jobs = check_command_line(argv, _job_check(argv))  # every job composed and checked before anything runs
     if len(jobs) > 1:  # for the sweep's jobs, in whatever process a launcher runs them

@@ -6,8 +6,9 @@ cannot parse) with exit status 1 and text that may not name the valid choices; a
 a bad job only when its turn came, after the jobs before it had trained. Here each job's overrides
 (the command line, and a preset's `hydra.sweeper.params`, expanded as Hydra's basic sweeper does)
 are composed with Hydra's compose API and validated as the run will validate them; a sweep's
-`report.facet` must name keys that vary. Other sweepers (Optuna) and command lines with Hydra
-flags other than -m are left to Hydra.
+`report.facet` must name keys that vary. A search (hydra/sweeper=optuna) has its settings and its
+search expressions checked, and jobs at both ends of every interval and with every choice. Other
+sweepers and command lines with Hydra flags other than -m are left to Hydra.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.checks import ConfigError
 from cnnlab.config import config_dir, validate
+from cnnlab.search.settings import SWEEPER_TARGET, SearchSettings
+from cnnlab.search.space import GRAMMAR, parse_space
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 MAX_SHOWN = 5  # failing jobs listed in the message; the rest are counted
@@ -39,11 +42,14 @@ def check_command_line(argv: list[str], check_job: Callable[[DictConfig], None] 
         jobs = _jobs(base, overrides) if multirun else [overrides]
         if multirun and jobs is None:
             return []  # another sweeper: it knows its own search space
+        check = check_job or validate
+        if multirun and base.hydra.sweeper.get("_target_") == SWEEPER_TARGET:
+            check = _search_check(check)
         failures = []
         for number, job in enumerate(jobs):
             try:
                 cfg = _compose(job)
-                (check_job or validate)(_task(cfg))
+                check(_task(cfg))
             except ConfigError as err:
                 failures.append((number, job, str(err)))
         if multirun and not failures:
@@ -102,14 +108,32 @@ def _jobs(base: DictConfig, overrides: list[str]) -> list[list[str]] | None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     sweeper = base.hydra.sweeper
+    params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+    if sweeper.get("_target_") == SWEEPER_TARGET:  # a search: its settings, expressions and extremes
+        settings = SearchSettings.from_config(sweeper)
+        space = parse_space(params + overrides)
+        if settings.sampler == "grid":
+            space.grid()
+        return space.check_jobs()
     if sweeper.get("_target_") != BASIC_SWEEPER:
         return None
-    params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
     try:
         parsed = OverridesParser.create().parse_overrides(params + overrides)
     except OverrideParseException as err:
         raise ConfigError(_unparsable(params + overrides, str(err))) from None
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def _search_check(check_job: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
+    """A search's job also needs a validation split: trials are scored and pruned on it."""
+    def check(cfg: DictConfig) -> None:
+        check_job(cfg)
+        if not validate(cfg).dataset.val_split:
+            raise ConfigError("dataset.val_split=0 leaves the search nothing to score trials on: hydra/sweeper=optuna "
+                              "ranks and prunes trials by their validation metric; hold out a validation split, "
+                              "e.g. dataset.val_split=0.1")
+
+    return check
 
 
 def varying_keys(jobs: list[list[str]]) -> list[str]:
@@ -145,7 +169,10 @@ def _message(failures: list[tuple[int, list[str], str]], jobs: int, multirun: bo
     shown = "; ".join(f"job {n} ({described(job)}): {err}" for n, job, err in failures[:MAX_SHOWN])
     more = f"; and {len(failures) - MAX_SHOWN} more" if len(failures) > MAX_SHOWN else ""
     verb = "has" if len(failures) == 1 else "have"
-    return f"{len(failures)} of the {jobs} jobs of this sweep {verb} a config error, so none was started: {shown}{more}"
+    hint = ("; interval() gives floats, int(interval(low, high)) integers"
+            if any("to Integer" in err for _, _, err in failures) else "")
+    return (f"{len(failures)} of the {jobs} jobs of this sweep {verb} a config error, so none was started: "
+            f"{shown}{more}{hint}")
 
 
 # ------------------------------------------------------------------------------- Hydra's errors, reworded
@@ -167,7 +194,10 @@ def _unparsable(overrides: list[str], text: str) -> str:
         try:
             OverridesParser.create().parse_override(override)
         except HydraException:
-            key = override.lstrip("+~").split("=", 1)[0]
+            key, _, value = override.lstrip("+~").partition("=")
+            if re.match(r"\s*(tag|interval|range|choice|int|float)\(", value):  # a sweep or search expression
+                return (f"{override!r} is not a valid override of {key}: {reason}. Sweep and search expressions are "
+                        f"{GRAMMAR} (see https://hydra.cc/docs/advanced/override_grammar/extended/)")
             return (f"{override!r} is not a valid override of {key}: {reason}. Values with brackets, commas, quotes "
                     f"or spaces need quoting as a whole, e.g. '{key}=[1,2]' (see "
                     f"https://hydra.cc/docs/advanced/override_grammar/basic/)")

@@ -1,7 +1,7 @@
 """The run record: summary.json, typed, and the only code that writes it.
 
 A run's status and results live in one `Summary`. `RunRecord` changes it through named events
-(begin, built, resumed, epoch done, diverged, stuck, interrupted, failed, finished) and rewrites
+(begin, built, resumed, epoch done, diverged, stuck, pruned, interrupted, failed, finished) and rewrites
 summary.json atomically after each, so a run killed at any moment still says how far it got.
 Readers (the sweep report, trackers, the console table) take a `Summary` with typed fields;
 `read_summary` reads one back, tolerating files written by older or newer versions.
@@ -41,6 +41,7 @@ class Status(str, Enum):
     COMPLETED = "completed"
     DIVERGED = "diverged"  # the loss became NaN/inf; stopped there, still scored
     STUCK = "stuck"  # trainer.stop_when_stuck ended it; still scored
+    PRUNED = "pruned"  # a search's pruner stopped it early (hydra/sweeper=optuna); still scored
     INTERRUPTED = "interrupted"  # a signal stopped it at a step boundary, checkpointed: resumable
     FAILED = "failed"
     # never written: what readers call a record that says running when no process holds its run
@@ -146,8 +147,8 @@ class Summary:
 
     @property
     def finished(self) -> bool:
-        """Ended with a result: scored on the test set (diverged and stuck runs are scored too)."""
-        return self.status in (Status.COMPLETED, Status.DIVERGED, Status.STUCK)
+        """Ended with a result: scored on the test set (diverged, stuck and pruned runs are scored too)."""
+        return self.status in (Status.COMPLETED, Status.DIVERGED, Status.STUCK, Status.PRUNED)
 
 
 _TYPES = {"str": (str,), "int": (int,), "float": (int, float), "list": (list,), "dict": (dict,)}
@@ -328,6 +329,10 @@ class RunRecord:
 
     def stuck(self, epoch: int) -> None:
         self.summary.status, self.summary.stopped_at_epoch = Status.STUCK, epoch
+        self._write()
+
+    def pruned(self, epoch: int) -> None:
+        self.summary.status, self.summary.stopped_at_epoch = Status.PRUNED, epoch
         self._write()
 
     def interrupted(self, epoch: int | None = None, step: int | None = None, train_seconds: float | None = None,

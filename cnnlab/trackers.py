@@ -137,12 +137,14 @@ ARTIFACTS = (
     "per_class_accuracy.csv", "model_summary.txt", "feature_maps.png",
 )
 # cnnlab status -> MLflow run status. Failed, diverged and stuck runs all ended without a model
-# that learned; an interrupted run was stopped by a signal and can be resumed (KILLED).
+# that learned; an interrupted run was stopped by a signal and can be resumed (KILLED), and a pruned
+# one was stopped on purpose by a search, with the model it had (KILLED too).
 MLFLOW_STATUS = {Status.COMPLETED: "FINISHED", Status.INTERRUPTED: "KILLED", Status.FAILED: "FAILED",
-                 Status.DIVERGED: "FAILED", Status.STUCK: "FAILED"}
-# cnnlab status -> TensorBoard HParams session status (it has no "killed": interrupted is unknown)
+                 Status.DIVERGED: "FAILED", Status.STUCK: "FAILED", Status.PRUNED: "KILLED"}
+# cnnlab status -> TensorBoard HParams session status (it has no "killed": interrupted is unknown;
+# a pruned run ended as it should, with a scored model)
 TB_STATUS = {Status.COMPLETED: "STATUS_SUCCESS", Status.INTERRUPTED: "STATUS_UNKNOWN", Status.FAILED: "STATUS_FAILURE",
-             Status.DIVERGED: "STATUS_FAILURE", Status.STUCK: "STATUS_FAILURE"}
+             Status.DIVERGED: "STATUS_FAILURE", Status.STUCK: "STATUS_FAILURE", Status.PRUNED: "STATUS_SUCCESS"}
 # left out of params/hparams: tracker settings and the resume path do not change results
 NOT_HPARAMS = ("logger", "trainer.resume")
 

@@ -89,7 +89,7 @@ def test_the_engine_imports_none_of_its_users() -> None:
 # Rooms below build.py get built values: none of them may import the run config, build or train.
 LOWER_ROOMS = [name for name in MODULES if (name.split(".") + [""])[1] in
                ("engine", "record", "doctor", "trackers", "data", "checkpoint", "losses", "optim", "distributed",
-                "interrupt", "viz", "report", "checks", "usercode", "notebook", "memory")
+                "interrupt", "viz", "report", "checks", "usercode", "notebook", "memory", "search")
                and name != "cnnlab.report.__main__"]
 
 

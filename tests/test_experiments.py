@@ -40,8 +40,11 @@ def preset_jobs(name: str) -> list[list[str]]:
     return [list(job) for job in itertools.product(*axes)]
 
 
+SEARCHES = ("lr_search",)  # hydra/sweeper=optuna presets: tests/test_search.py runs them
+
+
 def test_every_preset_is_tested() -> None:
-    assert config_options("experiment") == sorted(EXPECTED)
+    assert config_options("experiment") == sorted([*EXPECTED, *SEARCHES])
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -222,13 +222,18 @@ def test_installed_package_runs_from_any_directory(tmp_path):
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(repo / name, source / name)
-    for name in ("cnnlab", "conf"):
+    for name in ("cnnlab", "conf", "hydra_plugins"):
         shutil.copytree(repo / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
     assert (target / "cnnlab" / "conf" / "config.yaml").is_file()
     assert (target / "cnnlab" / "conf" / "model" / "vgg11.yaml").is_file()
+    # the Optuna sweeper sits where Hydra's plugin scan looks, so a regular install needs no registering
+    scan = subprocess.run([sys.executable, "-c", "from hydra.core.plugins import Plugins; from hydra.plugins.sweeper "
+                           "import Sweeper; print([c.__module__ for c in Plugins.instance().discover(Sweeper)])"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True, text=True)
+    assert "hydra_plugins.cnnlab_search.optuna_sweeper" in scan.stdout, scan.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     run_dir = elsewhere / "run"

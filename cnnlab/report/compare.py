@@ -214,10 +214,13 @@ def _stuck(table: pd.DataFrame, describe: Callable[[str], str]) -> list[str]:
 
 
 def _unfinished(table: pd.DataFrame, describe: Callable[[str], str]) -> list[str]:
-    unfinished = table[table["status"] != "completed"]
+    pruned = table[table["status"] == "pruned"]  # a search stopped them on purpose: counted, not listed
+    unfinished = table[~table["status"].isin(["completed", "pruned"])]
+    lines = [f"{len(pruned)} of {len(table)} runs were pruned by the search: stopped early, after the epoch in their "
+             "`stopped_at_epoch`, and scored with the weights they had (see search_summary.md).", ""] if len(pruned) else []
     if unfinished.empty:
-        return []
-    lines = ["## Runs that did not complete", ""]
+        return lines
+    lines += ["## Runs that did not complete", ""]
     for _, row in unfinished.iterrows():
         error = f": {row['error']}" if isinstance(row["error"], str) and row["error"] else ""
         lines.append(f"- **{row['status']}** {describe(row['run'])}{error}")

@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 from cnnlab.report.sweep import SEED_KEY, Run, distinct_labels, format_value, overfitting, run_label, short_names
 
 STATUS_COLORS = {"completed": "tab:blue", "diverged": "tab:orange", "failed": "tab:red", "killed": "tab:red",
-                 "interrupted": "tab:purple", "stuck": "tab:brown"}
+                 "interrupted": "tab:purple", "stuck": "tab:brown", "pruned": "tab:olive"}
 MAX_CONFUSION_PANELS = 48  # beyond this the panels are too small to read; the best-ranked are shown
 
 

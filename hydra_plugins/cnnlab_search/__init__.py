@@ -1,0 +1,1 @@
+"""cnnlab's Hydra plugins: `hydra/sweeper=optuna` (search with pruning, cnnlab/search/)."""
