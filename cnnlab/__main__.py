@@ -14,8 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from cnnlab import distributed, usercode
-from cnnlab.callbacks import Refused
-from cnnlab.checks import ConfigError
+from cnnlab.checks import ConfigError, Refused
 from cnnlab.completion import complete
 from cnnlab.config import config_dir
 from cnnlab.interrupt import Interrupted

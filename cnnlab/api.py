@@ -35,8 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab import rundir, usercode
-from cnnlab.callbacks import Refused
-from cnnlab.checks import ConfigError
+from cnnlab.checks import ConfigError, Refused
 from cnnlab.config import config_dir
 from cnnlab.interrupt import Interrupted
 from cnnlab.job import checked_command_line, run_job

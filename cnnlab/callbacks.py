@@ -9,18 +9,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab.checks import ConfigError, unwritable_reason
+from cnnlab.checks import ConfigError, Refused, unwritable_reason
 from cnnlab.rundir import holds_a_run, note_new
 from cnnlab.search.settings import SWEEPER_TARGET
-
-
-class Refused(SystemExit):
-    """A run or sweep refused before it began: exit status 2 with `message` (the CLI prints it; the
-    Python API raises it as a ConfigError). A SystemExit, so Hydra passes it through untouched."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(2)
-        self.message = message
 
 
 class SweepStatus(Callback):
@@ -48,7 +39,9 @@ class SweepStatus(Callback):
         if runs:
             write_sweep_report(sweep_dir, config)
         if OmegaConf.select(config, "hydra.sweeper._target_") == SWEEPER_TARGET:
-            write_search_findings(sweep_dir, config.hydra.sweeper, int(OmegaConf.select(config, "trainer.epochs")))
+            from cnnlab.report.search import print_search_findings  # Optuna loads only when a search ends
+
+            print_search_findings(sweep_dir, config.hydra.sweeper, int(OmegaConf.select(config, "trainer.epochs")))
         failed = [run.name for run in runs if run.status in ("failed", "killed", "unreadable")]
         if failed:
             print(f"{len(failed)} of {len(runs)} jobs failed: {', '.join(failed)}", file=sys.stderr)
@@ -72,26 +65,6 @@ def write_sweep_report(sweep_dir: Path, config: DictConfig) -> None:
     for note in report.notes:
         print(f"note: {note}")
     print(f"report: {(sweep_dir / 'sweep_summary.md').resolve()}")
-
-
-def write_search_findings(sweep_dir: Path, sweeper: DictConfig, epochs: int) -> None:
-    """A search's own report (best trial, history, importances); printed last: the best trial's command."""
-    from cnnlab.report.search import write_search_report  # Optuna and matplotlib load only when a search ends
-
-    try:
-        findings = write_search_report(sweep_dir, sweeper, epochs)
-    except ConfigError as err:
-        print(f"search report not written: {err}", file=sys.stderr)
-        return
-    except Exception:  # as for the sweep report: never at the cost of the sweep's exit status
-        print("search report not written:", file=sys.stderr)
-        traceback.print_exc()
-        return
-    for note in findings.notes:
-        print(f"note: {note}")
-    print(f"search report: {(sweep_dir / 'search_summary.md').resolve()}")
-    for line in findings.lines:
-        print(line)
 
 
 class OutputDirCheck(Callback):

@@ -15,6 +15,15 @@ class ConfigError(ValueError):
     """Bad user input: the message names the key and the valid choices or range."""
 
 
+class Refused(SystemExit):
+    """A run or sweep refused before it began: exit status 2 with `message` (the CLI prints it; the
+    Python API raises it as a ConfigError). A SystemExit, so Hydra passes it through untouched."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
 def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
     choices = list(choices)
     if value not in choices:

@@ -52,13 +52,13 @@ def _search_findings(sweep_dir: Path) -> None:
     """A search's own report too, when the directory is a hydra/sweeper=optuna sweep (its multirun.yaml says)."""
     from omegaconf import OmegaConf
 
-    from cnnlab.callbacks import write_search_findings
+    from cnnlab.report.search import print_search_findings
     from cnnlab.search.settings import SWEEPER_TARGET
 
     saved = sweep_dir / "multirun.yaml"
     config = OmegaConf.load(saved) if saved.is_file() else None
     if config is not None and OmegaConf.select(config, "hydra.sweeper._target_") == SWEEPER_TARGET:
-        write_search_findings(sweep_dir, config.hydra.sweeper, int(OmegaConf.select(config, "trainer.epochs")))
+        print_search_findings(sweep_dir, config.hydra.sweeper, int(OmegaConf.select(config, "trainer.epochs")))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import csv
 import shlex
+import sys
+import traceback
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cnnlab.checks import ConfigError
 from cnnlab.record import read_summary
 from cnnlab.search.settings import SearchSettings
 from cnnlab.search.trial import open_study
@@ -58,6 +61,25 @@ def write_search_report(sweep_dir: Path, sweeper: Mapping[str, Any], epochs: int
     findings.lines = lines
     _write_markdown(sweep_dir / "search_summary.md", study, settings, rows, lines, importances)
     return findings
+
+
+def print_search_findings(sweep_dir: Path, sweeper: Mapping[str, Any], epochs: int) -> None:
+    """Write the search's report and print what it found, the best trial's command last; a problem with
+    it is printed, never raised: as for the sweep report, it must not cost the sweep its exit status."""
+    try:
+        findings = write_search_report(sweep_dir, sweeper, epochs)
+    except ConfigError as err:
+        print(f"search report not written: {err}", file=sys.stderr)
+        return
+    except Exception:
+        print("search report not written:", file=sys.stderr)
+        traceback.print_exc()
+        return
+    for note in findings.notes:
+        print(f"note: {note}")
+    print(f"search report: {(sweep_dir / 'search_summary.md').resolve()}")
+    for line in findings.lines:
+        print(line)
 
 
 def reproduce_command(overrides: list[str]) -> str:

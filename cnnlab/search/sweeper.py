@@ -9,8 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab.callbacks import Refused
-from cnnlab.checks import ConfigError
+from cnnlab.checks import ConfigError, Refused
 from cnnlab.search.settings import SearchSettings
 from cnnlab.search.space import parse_space
 from cnnlab.search.study import Search
