@@ -261,14 +261,14 @@ def _end_epoch(s: TrainState, epoch: int, state: EpochState) -> bool:
 
 
 def _goes_on(s: TrainState, epoch: int, diagnosis: doctor.Diagnosis | None, val: Evaluation | None) -> bool:
-    """Whether the run trains another epoch: not when stuck (with trainer.stop_when_stuck) or pruned."""
+    """Whether the run trains another epoch: not when pruned or stuck (with trainer.stop_when_stuck)."""
+    if val and s.judge and distributed.broadcast(  # rank 0's verdict on every rank; every epoch is reported
+            s.judge(epoch, {"val_acc": val.acc, "val_loss": val.loss, "best_val_acc": s.best_acc})):
+        s.record.pruned(epoch)
+        return False
     if diagnosis and diagnosis.stuck and s.run.trainer.stop_when_stuck:
         s.record.stuck(epoch)
         log.warning("trainer.stop_when_stuck: ending the run after epoch %d of %d", epoch, s.run.trainer.epochs)
-        return False
-    if val and s.judge and distributed.broadcast(  # rank 0's verdict on every rank
-            s.judge(epoch, {"val_acc": val.acc, "val_loss": val.loss, "best_val_acc": s.best_acc})):
-        s.record.pruned(epoch)
         return False
     return True
 

@@ -28,6 +28,7 @@ from cnnlab.search.settings import SWEEPER_TARGET, SearchSettings
 from cnnlab.search.space import GRAMMAR, parse_space
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+OWN_VAL_SPLIT = ("image_folder", "custom")  # datasets whose files (or code) may hold a validation split
 MAX_SHOWN = 5  # failing jobs listed in the message; the rest are counted
 
 
@@ -125,10 +126,13 @@ def _jobs(base: DictConfig, overrides: list[str]) -> list[list[str]] | None:
 
 
 def _search_check(check_job: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
-    """A search's job also needs a validation split: trials are scored and pruned on it."""
+    """A search's job also needs a validation split: trials are scored and pruned on it. (Image folders
+    and a user's data may bring their own val split; a run without one records no metric, and its
+    trial fails with that said.)"""
     def check(cfg: DictConfig) -> None:
         check_job(cfg)
-        if not validate(cfg).dataset.val_split:
+        dataset = validate(cfg).dataset
+        if not dataset.val_split and dataset.name not in OWN_VAL_SPLIT:
             raise ConfigError("dataset.val_split=0 leaves the search nothing to score trials on: hydra/sweeper=optuna "
                               "ranks and prunes trials by their validation metric; hold out a validation split, "
                               "e.g. dataset.val_split=0.1")

@@ -49,7 +49,7 @@ def write_search_report(sweep_dir: Path, sweeper: Mapping[str, Any], epochs: int
     importances = _importances(study, findings)
     findings.notes += _figures(study, sweep_dir, importances is not None, settings.metric)
     spent = sum(r["epochs"] or 0 for r in rows)
-    lines = [f"search {study.study_name}: {_counts(rows)}; {spent} epochs trained of the {len(rows) * epochs} "
+    lines = [f"search in {Path(sweep_dir).name}: {_counts(rows)}; {spent} epochs trained of the {len(rows) * epochs} "
              f"that {len(rows)} full runs take"]
     if best is not None:
         summary = _summary(best)
@@ -188,7 +188,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def _write_markdown(path: Path, study: Any, settings: SearchSettings, rows: list[dict[str, Any]], lines: list[str],
                     importances: dict[str, float] | None) -> None:
     direction = "maximized" if settings.maximize else "minimized"
-    text = [f"# Search: study {study.study_name}", "",
+    text = [f"# Search: {path.parent.name} (study {study.study_name})", "",
             f"{settings.metric} {direction}; sampler {settings.sampler} (seed {settings.seed}), pruner {settings.pruner}, "
             f"n_trials={settings.n_trials}.", "", *[f"- {line}" for line in lines], ""]
     if importances:

@@ -78,7 +78,16 @@ class SearchSettings:
         return METRICS[self.metric][1]
 
     def study_name_for(self, sweep_dir: Path) -> str:
-        return self.study_name or Path(sweep_dir).name
+        """study_name, else: "cnnlab" in the sweep dir's own journal (the file is the study's, wherever the
+        directory is moved), the sweep dir's full path in a storage other sweeps may share."""
+        if self.study_name:
+            return self.study_name
+        return "cnnlab" if self.storage is None else str(Path(sweep_dir).resolve())
+
+    def signature(self) -> dict[str, Any]:
+        """The settings that change which trials run and how they end: a continued study keeps them."""
+        return {k: getattr(self, k) for k in ("sampler", "seed", "metric", "pruner", "min_epochs", "reduction_factor",
+                                              "startup_trials")}
 
 
 def make_storage(storage: str | None, sweep_dir: Path) -> Any:
@@ -113,12 +122,15 @@ def make_pruner(settings: SearchSettings, epochs: int) -> Any:
 
 
 def make_sampler(settings: SearchSettings, trial: int, grid: dict[str, list[Any]] | None = None) -> Any:
-    """The sampler that proposes trial number `trial`. The sweeper makes one per trial, seeded with the
-    study's seed plus the trial's number, so the same command and history propose the same trials, also
+    """The sampler that proposes trial number `trial`. The sweeper makes one per trial, seeded from the
+    study's seed and the trial's number, so the same command and history propose the same trials, also
     after a resume; the grid sampler keeps the study's seed (it shuffles the grid with it, then walks it)."""
+    import numpy as np
     import optuna
 
-    seed = settings.seed + trial
+    # a seed per (study seed, trial) from numpy's SeedSequence: the seeds of seed 1 are not those of seed 0
+    # shifted by one trial, as seed + trial would make them
+    seed = int(np.random.SeedSequence([settings.seed, trial]).generate_state(1)[0])
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if settings.sampler == "grid":

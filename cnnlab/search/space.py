@@ -115,25 +115,24 @@ class SearchSpace:
 
 def parse_space(overrides: list[str]) -> SearchSpace:
     """The search space of a command line (a preset's hydra.sweeper.params first); ConfigError for a
-    bad expression, naming it and the valid forms."""
+    bad expression, naming it and the valid forms. A key given twice takes its last form, as in Hydra's
+    sweepers: `+experiment=lr_search optimizer.lr=0.05` fixes the lr the preset searches."""
     parser = OverridesParser.create()
-    params: dict[str, Param] = {}
-    fixed: list[str] = []
+    last: dict[str, Param | str] = {}  # key -> its search, or its fixed override
     for text in overrides:
         try:
             override = parser.parse_override(text)
         except HydraException as err:  # a syntax error, or Hydra refusing the arguments (choice())
             raise ConfigError(f"{text!r} is not a search expression: {str(err).splitlines()[0]}. "
                               f"Use {GRAMMAR}") from None
-        if not override.is_sweep_override():
-            fixed.append(text)
-            continue
-        param = _param(override, text)
-        params[param.name] = param  # the command line overrides a preset's params for the same key
+        key = override.get_key_element().lstrip("+~")
+        last.pop(key, None)  # the later one wins, and takes the later place
+        last[key] = _param(override, text) if override.is_sweep_override() else text
+    params = tuple(v for v in last.values() if isinstance(v, Param))
     if not params:
         raise ConfigError("hydra/sweeper=optuna needs at least one key to search, e.g. "
                           "'optimizer.lr=tag(log, interval(1e-4, 1))'; the search expressions are " + GRAMMAR)
-    return SearchSpace(tuple(params.values()), tuple(fixed))
+    return SearchSpace(params, tuple(v for v in last.values() if isinstance(v, str)))
 
 
 def _param(override: Override, text: str) -> Param:
@@ -150,6 +149,9 @@ def _param(override: Override, text: str) -> Param:
         return _checked(Param(key, kind, value.start, value.end, log=log), text)
     if isinstance(value, RangeSweep) and not value.shuffle:
         return _checked(_range(key, value, log, text), text)
+    if getattr(value, "shuffle", False):  # a different order each time: the same command would not be the same study
+        raise ConfigError(f"{text!r}: shuffle() means nothing to a search, whose sampler picks the order; "
+                          f"use choice(...) or range(...)")
     if isinstance(value, (ChoiceSweep, RangeSweep)):
         if log:
             raise ConfigError(f"{text!r}: log applies to interval() and range(), not to a list of choices")
@@ -174,6 +176,6 @@ def _checked(param: Param, text: str) -> Param:
         raise ConfigError(f"{text!r}: the low end ({param.low}) must be below the high end ({param.high})")
     if param.log and param.low <= 0:
         raise ConfigError(f"{text!r}: a log scale needs a low end above 0, got {param.low}")
-    if param.log and param.step not in (None, 1):
+    if param.log and param.step is not None and (param.kind == "float" or param.step != 1):
         raise ConfigError(f"{text!r}: a log scale takes no step; use tag(log, int(interval(low, high))) for integers")
     return param

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ log = logging.getLogger("cnnlab")
 # launch(list of each trial's overrides, number of the first) -> each job's run dir (None when unknown)
 Launch = Callable[[Sequence[Sequence[str]], int], list[Path | None]]
 PRUNED_STATUSES = (Status.PRUNED, Status.STUCK, Status.DIVERGED)
+AWAIT_SECONDS = 5.0  # how often a trial another process trains is looked at
 SIGNATURE = "cnnlab_search"  # the study's user attr: what it searches, to refuse a re-run that searches else
 
 
@@ -42,12 +44,16 @@ class Search:
     sweep_dir: Path
     epochs: int  # trainer.epochs of the trials: the pruners' full budget
 
-    def run(self, launch: Launch, batch: int) -> None:
-        """Continue the study in the sweep dir (or start it) until it holds n_trials trials."""
+    def run(self, launch: Launch, batch: int, opened: Callable[[], None] | None = None) -> None:
+        """Continue the study in the sweep dir (or start it) until it holds n_trials trials; `opened` is
+        called once the study is known to be this command's (the sweeper saves multirun.yaml then)."""
         grid = self.space.grid() if self.settings.sampler == "grid" else None
         study = open_study(self.settings, self.sweep_dir, self.epochs, create=True)
         self._check_signature(study)
-        for numbers in _contiguous(self._stale(study)):  # a stopped sweep's trials first, with their own values
+        if opened:
+            opened()
+        stale, elsewhere = self._stale(study)
+        for numbers in _contiguous(stale):  # a stopped sweep's trials first, with their own values
             if not self._launch(study, numbers, launch):
                 return
         limit = self.settings.n_trials if grid is None else min(self.settings.n_trials, math.prod(map(len, grid.values())))
@@ -59,23 +65,24 @@ class Search:
             for run in _contiguous(numbers):  # contiguous unless another process asks from this study too
                 if not self._launch(study, run, launch):
                     return
-        log.info("study %s holds %d trials (hydra.sweeper.n_trials=%d)", study.study_name, len(study.trials),
-                 self.settings.n_trials)
+        self._await(study, elsewhere)
+        log.info("the study holds %d trials (hydra.sweeper.n_trials=%d)", len(study.trials), self.settings.n_trials)
 
     def _check_signature(self, study: Any) -> None:
         # settings that change no result (device, paths, progress, trackers) may differ between runs of the command
-        fixed = [o for o in self.space.fixed if not any(o.lstrip("+~").startswith((u + "=", u + ".")) for u in UNNAMED)]
-        signature = {"search": self.space.describe(), "fixed": fixed, "metric": self.settings.metric}
+        fixed = sorted(o for o in self.space.fixed
+                       if not any(o.lstrip("+~").startswith((u + "=", u + ".")) for u in UNNAMED))
+        signature = {"search": self.space.describe(), "fixed": fixed, "sweeper": self.settings.signature()}
         saved = study.user_attrs.get(SIGNATURE)
         if saved is None:
             study.set_user_attr(SIGNATURE, signature)
         elif saved != signature:
-            changed = [k for k in signature if signature[k] != saved.get(k)]
+            changed = "; ".join(f"{k} was {_shown(saved.get(k))}, now {_shown(signature[k])}"
+                                for k in signature if signature[k] != saved.get(k))
             raise ConfigError(
-                f"{self.sweep_dir} holds study {study.study_name!r}, which searched with other {' and '.join(changed)} "
-                f"settings ({_describe(saved)}); a study continues only with the command that started it (n_trials, "
-                f"n_jobs, the launcher and the device may change). Give this search its own directory: leave "
-                f"hydra.sweep.dir out, or name it.")
+                f"{self.sweep_dir} holds a study that another search started ({changed}); a study continues only "
+                f"with the command that started it (n_trials, n_jobs, the launcher and the device may change). "
+                f"Give this search its own directory: leave hydra.sweep.dir out, or name it.")
 
     def _left(self, study: Any, limit: int) -> int:
         import optuna
@@ -90,15 +97,17 @@ class Search:
         trial = study.ask({p.name: p.distribution() for p in self.space.params})
         return int(trial.number)
 
-    def _stale(self, study: Any) -> list[int]:
-        """Trials left running by a sweep that stopped, and by no live process: to resume or retry."""
+    def _stale(self, study: Any) -> tuple[list[int], dict[int, Path]]:
+        """Trials left running by a sweep that stopped: those no process trains (to resume or retry),
+        and those still training elsewhere (a SLURM job the stopped sweep left), by number."""
         import optuna
 
-        stale = []
+        stale, elsewhere = [], {}
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             run_dir = trial.user_attrs.get("run_dir")
             if run_dir and Path(run_dir).is_dir() and is_live(Path(run_dir)):
-                continue  # another process trains it (a second sweeper sharing the study): it tells the study
+                elsewhere[trial.number] = Path(run_dir)  # told when it ends, before this sweep does
+                continue
             state = outcome(Path(run_dir), self.settings.metric)[0] if run_dir else None
             if state in ("COMPLETE", "PRUNED"):  # it ended before the sweeper could tell the study: told now
                 self._tell(study, trial.number, Path(run_dir))
@@ -107,17 +116,31 @@ class Search:
         if stale:
             log.info("resuming %d trial(s) a stopped run of this sweep left unfinished: %s", len(stale),
                      ", ".join(map(str, stale)))
-        return stale
+        return stale, elsewhere
+
+    def _await(self, study: Any, elsewhere: dict[int, Path]) -> None:
+        """Wait for the trials other processes still train, then tell the study how they ended."""
+        for number, run_dir in elsewhere.items():
+            log.info("waiting for trial %d, which another process trains in %s", number, run_dir)
+            while is_live(run_dir):
+                time.sleep(AWAIT_SECONDS)
+            self._tell(study, number, run_dir)
 
     def _launch(self, study: Any, numbers: list[int], launch: Launch) -> bool:
         """Run these trials (consecutive numbers) and tell the study how each ended; False when one was
         interrupted, so the sweep stops asking (the next run of the command resumes it)."""
         trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-        run_dirs = launch([self.space.trial_overrides(trials[n].params) for n in numbers], numbers[0])
+        try:
+            run_dirs = launch([self.space.trial_overrides(trials[n].params) for n in numbers], numbers[0])
+        except Exception as err:  # a killed worker (joblib) or an array job lost on SLURM: its trials, not the study
+            log.error("the launcher lost trials %s: %s; each is recorded from its run directory", numbers, err)
+            run_dirs = [None] * len(numbers)
         going_on = True
         for number, run_dir in zip(numbers, run_dirs):
             run_dir = run_dir or _recorded_dir(study, number)
-            if run_dir is None:  # the launcher never got it as far as a run directory
+            if run_dir is not None and run_dir.is_dir() and is_live(run_dir):
+                self._await(study, {number: run_dir})  # the launcher gave up on it, the run did not
+            elif run_dir is None:  # the launcher never got it as far as a run directory
                 _tell(study, number, "FAIL", None)
             elif not self._tell(study, number, run_dir):
                 going_on = False
@@ -141,7 +164,11 @@ def outcome(run_dir: Path, metric: str) -> tuple[str | None, float | None, str]:
     status = str(summary.status)
     if status == Status.COMPLETED:
         value = getattr(summary, metric, None)
-        return ("COMPLETE", float(value), status) if isinstance(value, (int, float)) else ("FAIL", None, status)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return "COMPLETE", float(value), status
+        log.error("%s completed without a %s (no validation split?): its trial is recorded as failed",
+                  Path(run_dir).name, metric)
+        return "FAIL", None, status
     if status in PRUNED_STATUSES:
         return "PRUNED", None, status
     if status in (Status.INTERRUPTED, Status.RUNNING):
@@ -178,7 +205,7 @@ def _contiguous(numbers: list[int]) -> list[list[int]]:
     return runs
 
 
-def _describe(signature: dict[str, Any]) -> str:
-    search = "; ".join(str(s).split(":", 1)[0] for s in signature.get("search", []))
-    fixed = " ".join(signature.get("fixed", []))
-    return f"search over {search or 'nothing'}; fixed: {fixed or 'nothing'}; metric {signature.get('metric')}"
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)

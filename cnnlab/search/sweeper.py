@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.core.utils import JobStatus
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.checks import ConfigError, Refused
+from cnnlab.interrupt import Interrupted
 from cnnlab.search.settings import SearchSettings
 from cnnlab.search.space import parse_space
 from cnnlab.search.study import Search
@@ -28,15 +30,24 @@ def run_sweep(config: DictConfig, launcher: Any, params: dict[str, str], setting
         returns.extend(results)
         return [_output_dir(r) for r in results]
 
+    def opened() -> None:  # once the study is known to be this command's, not before (a refused re-run)
+        OmegaConf.save(config, sweep_dir / "multirun.yaml")  # as Hydra's own sweepers do; `cnnlab report` reads it
+
     try:
         search = Search(SearchSettings.from_config(settings),
-                        parse_space([f"{k}={v}" for k, v in params.items()] + arguments),
+                        parse_space([f"{k}={v}" for k, v in (params or {}).items()] + arguments),
                         sweep_dir, int(OmegaConf.select(config, "trainer.epochs", default=1)))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(config, sweep_dir / "multirun.yaml")  # as Hydra's own sweepers do
-        search.run(launch, search.settings.n_jobs or launcher_parallelism(config.hydra.launcher))
+        search.run(launch, search.settings.n_jobs or launcher_parallelism(config.hydra.launcher), opened)
     except ConfigError as err:
         raise Refused(str(err)) from None
+    for result in returns:  # an interrupt inside a job (the Python API's Ctrl-C) ends the sweep, as in a grid
+        if result.status == JobStatus.FAILED:
+            try:
+                result.return_value
+            except (Interrupted, KeyboardInterrupt):
+                raise
+            except Exception:  # a job's own failure is its trial's, recorded in the study already
+                pass
     return returns
 
 
