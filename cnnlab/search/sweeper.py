@@ -31,6 +31,7 @@ def run_sweep(config: DictConfig, launcher: Any, params: dict[str, str], setting
         return [_output_dir(r) for r in results]
 
     def opened() -> None:  # once the study is known to be this command's, not before (a refused re-run)
+        sweep_dir.mkdir(parents=True, exist_ok=True)  # a database storage made no file in it yet
         OmegaConf.save(config, sweep_dir / "multirun.yaml")  # as Hydra's own sweepers do; `cnnlab report` reads it
 
     try:
