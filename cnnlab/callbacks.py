@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +49,13 @@ class SweepStatus(Callback):
 
 def write_sweep_report(sweep_dir: Path, config: DictConfig) -> None:
     """The comparison report into the sweep dir; a problem with it never hides the jobs' own status."""
+    from cnnlab.report import unless_it_fails
     from cnnlab.report.compare import write_report  # matplotlib and pandas load only when a sweep ends
 
-    try:
-        report = write_report([sweep_dir], sweep_dir, metric=str(OmegaConf.select(config, "report.metric", default="test_acc")),
-                              facet=list(OmegaConf.select(config, "report.facet", default=[])))
-    except ConfigError as err:
-        print(f"sweep report not written: {err}", file=sys.stderr)
-        return
-    except Exception:  # a bug in the report must not cost the user the sweep's exit status
-        print("sweep report not written:", file=sys.stderr)
-        traceback.print_exc()
+    report = unless_it_fails("sweep report", lambda: write_report(
+        [sweep_dir], sweep_dir, metric=str(OmegaConf.select(config, "report.metric", default="test_acc")),
+        facet=list(OmegaConf.select(config, "report.facet", default=[]))))
+    if report is None:
         return
     for note in report.notes:
         print(f"note: {note}")

@@ -27,6 +27,7 @@ from cnnlab.search.study import Search
 from cnnlab.search.trial import open_study
 
 from conftest import run_cnnlab
+from test_sweeps import WRAPPER
 
 
 LR = "optimizer.lr=tag(log, interval(1e-3, 1))"
@@ -356,30 +357,12 @@ def test_a_trial_that_raises_does_not_end_the_study(tmp_path: Path) -> None:
     assert sorted(t["state"] for t in trials) == ["complete", "complete", "fail", "fail"]
 
 
-# The search runs in this wrapper, whose Nth training step (counted over the trials, which the basic
-# launcher runs one after another in this process) stops it with SIGTERM.
-WRAPPER = r'''
-import os, signal, sys
-import cnnlab.engine as engine
-inputs, calls = engine.StepContext.inputs, [0]
-def counted(self, images, train):
-    if train:
-        calls[0] += 1
-        if calls[0] == int(os.environ["STEP"]):
-            os.kill(os.getpid(), signal.SIGTERM)
-    return inputs(self, images, train)
-engine.StepContext.inputs = counted
-from cnnlab.__main__ import main
-sys.argv[1:] = sys.argv[2:]
-main()
-'''
-
-
 def test_a_search_stopped_by_sigterm_resumes_its_trial(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     command = ("-m", "+debug=smoke", "hydra/sweeper=optuna", "hydra.sweeper.pruner=none", LR,
                "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}")
-    env = {**os.environ, "STEP": str(14 + 10), "PYTHONUNBUFFERED": "1"}  # trial 1, epoch 2 (trial 0: 14 steps)
+    # test_sweeps' wrapper: its Nth training step, counted over the trials, sends SIGTERM
+    env = {**os.environ, "STEP": str(14 + 10), "DO": "SIGTERM", "PYTHONUNBUFFERED": "1"}  # trial 1, epoch 2 (trial 0: 14 steps)
     stopped = subprocess.run([sys.executable, "-c", WRAPPER, "-", *command], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=600)
     assert stopped.returncode == 143, stopped.stderr[-2000:]

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import csv
 import shlex
-import sys
-import traceback
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cnnlab.checks import ConfigError
 from cnnlab.record import read_summary
+from cnnlab.report import unless_it_fails
 from cnnlab.search.settings import SearchSettings
 from cnnlab.search.trial import open_study
 
@@ -42,7 +40,8 @@ def write_search_report(sweep_dir: Path, sweeper: Mapping[str, Any], epochs: int
     """The search's files in sweep_dir; the lines that name the best trial and how to reproduce it."""
     settings = SearchSettings.from_config(sweeper)
     study = open_study(settings, sweep_dir, epochs)
-    rows = _trial_rows(study)
+    summaries = {t.number: _summary(t) for t in study.get_trials(deepcopy=False)}
+    rows = _trial_rows(study, summaries)
     _write_csv(sweep_dir / "search_trials.csv", rows)
     findings = Findings()
     best = _best(study)
@@ -52,7 +51,7 @@ def write_search_report(sweep_dir: Path, sweeper: Mapping[str, Any], epochs: int
     lines = [f"search in {Path(sweep_dir).name}: {_counts(rows)}; {spent} epochs trained of the {len(rows) * epochs} "
              f"that {len(rows)} full runs take"]
     if best is not None:
-        summary = _summary(best)
+        summary = summaries.get(best.number)
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
         lines.append(f"best trial {best.number}: {settings.metric} {best.value:.4f} ({params})")
         lines.append(f"reproduce it: {reproduce_command(summary.overrides if summary else [])}")
@@ -66,14 +65,8 @@ def write_search_report(sweep_dir: Path, sweeper: Mapping[str, Any], epochs: int
 def print_search_findings(sweep_dir: Path, sweeper: Mapping[str, Any], epochs: int) -> None:
     """Write the search's report and print what it found, the best trial's command last; a problem with
     it is printed, never raised: as for the sweep report, it must not cost the sweep its exit status."""
-    try:
-        findings = write_search_report(sweep_dir, sweeper, epochs)
-    except ConfigError as err:
-        print(f"search report not written: {err}", file=sys.stderr)
-        return
-    except Exception:
-        print("search report not written:", file=sys.stderr)
-        traceback.print_exc()
+    findings = unless_it_fails("search report", lambda: write_search_report(sweep_dir, sweeper, epochs))
+    if findings is None:
         return
     for note in findings.notes:
         print(f"note: {note}")
@@ -89,10 +82,10 @@ def reproduce_command(overrides: list[str]) -> str:
     return " ".join(["python -m cnnlab", *map(shlex.quote, kept)])
 
 
-def _trial_rows(study: Any) -> list[dict[str, Any]]:
+def _trial_rows(study: Any, summaries: dict[int, Any]) -> list[dict[str, Any]]:
     rows = []
     for trial in study.get_trials(deepcopy=False):
-        summary = _summary(trial)
+        summary = summaries.get(trial.number)
         rows.append({"trial": trial.number, "state": trial.state.name.lower(),
                      "status": summary.status if summary else trial.user_attrs.get("status", ""),
                      "value": trial.value, "epochs": summary.epochs_completed if summary else None,

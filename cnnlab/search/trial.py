@@ -20,15 +20,15 @@ log = logging.getLogger("cnnlab")
 EpochJudge = Callable[[int, dict[str, float]], bool]
 
 
-def open_study(settings: SearchSettings, sweep_dir: Path, epochs: int, sampler: Any = None,
-               create: bool = False) -> Any:
-    """The sweep's study: created by the sweeper (create=True), loaded by its trials."""
+def open_study(settings: SearchSettings, sweep_dir: Path, epochs: int, create: bool = False) -> Any:
+    """The sweep's study: created by the sweeper (create=True), loaded by its trials and the report.
+    Its sampler samples nothing: the sweeper gives it one per trial when it asks (study.py)."""
     import optuna
 
     storage = make_storage(settings.storage, sweep_dir)
     name = settings.study_name_for(sweep_dir)
     pruner = make_pruner(settings, epochs)
-    sampler = sampler or optuna.samplers.RandomSampler()  # the trial's side samples nothing
+    sampler = optuna.samplers.RandomSampler()
     if create:
         return optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
                                    direction="maximize" if settings.maximize else "minimize", load_if_exists=True)
