@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test smoke bench bench-search clean
+.PHONY: run test smoke bench bench-search bench-sweep clean
 
 ## run: create .venv, install cnnlab and train the default experiment (LeNet on Fashion-MNIST)
 run: $(VENV)/.installed
@@ -27,6 +27,10 @@ bench: $(VENV)/.installed
 ## bench-search: epochs trained and best val accuracy of a search (TPE + ASHA) vs a grid over the same space
 bench-search: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.search $(ARGS)
+
+## bench-sweep: the 12-run LeNet grid one by one vs joblib vs fused, and a 4-run ResNet-18 group
+bench-sweep: $(VENV)/.installed-dev
+	$(PY) -m benchmarks.sweep $(ARGS)
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

@@ -23,7 +23,7 @@ from cnnlab.distributed import World
 from cnnlab.doctor import Settings
 from cnnlab.engine import StepContext
 from cnnlab.losses import LossConfig, build_loss, chance_loss
-from cnnlab.memory import check_fits, footprint
+from cnnlab.memory import Footprint, check_fits, footprint
 from cnnlab.models import build_model
 from cnnlab.models.card import ModelCard, human, model_card
 
@@ -91,12 +91,22 @@ def prepare(run: RunConfig, spec: DatasetSpec | None = None, training: bool = Tr
 def _check_memory(run: RunConfig, shape: tuple[int, int, int], num_classes: int, device: torch.device) -> None:
     """Refuse, with the numbers, a run whose training step cannot fit: estimated on the meta device,
     before one byte of the model is allocated."""
-    batch = run.trainer.batch_size
-    found = footprint(lambda: build_model(run.model, shape[0], num_classes, shape[1:]), (batch, *shape))
-    slots = 2 if run.optimizer.name in ("adam", "adamw", "radam") else 1  # per-weight optimizer state
+    found, need = training_step_bytes(run, shape, num_classes)
     check_fits(f"training {run.model.label()} ({found.params:,} parameters) on {'x'.join(map(str, shape))} images "
-               f"at trainer.batch_size={batch}", found.training_bytes(slots), device,
+               f"at trainer.batch_size={run.trainer.batch_size}", need, device,
                "lower the model's sizes, the image size (the augmentation's resize) or trainer.batch_size")
+
+
+def training_step_bytes(run: RunConfig, shape: tuple[int, int, int] | None = None,
+                        num_classes: int | None = None) -> tuple[Footprint, float]:
+    """The model's footprint and the bytes one training step takes (weights, gradients, optimizer state,
+    the activations kept at trainer.batch_size); the input shape and classes from the dataset config by default."""
+    if shape is None or num_classes is None:
+        spec = spec_for(run.dataset)
+        shape, num_classes = build_pipeline(run.augmentation, spec).output_shape, spec.num_classes
+    found = footprint(lambda: build_model(run.model, shape[0], num_classes, shape[1:]), (run.trainer.batch_size, *shape))
+    slots = 2 if run.optimizer.name in ("adam", "adamw", "radam") else 1  # per-weight optimizer state
+    return found, found.training_bytes(slots)
 
 
 def uses_bf16(trainer: TrainerConfig, device: torch.device) -> bool:

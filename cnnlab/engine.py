@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -94,6 +94,18 @@ class EpochState:
         self.correct.zero_()
         self.seen = 0
 
+    def count(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """One step's loss and predictions into the epoch's sums. Also for N runs at once (a fused group's):
+        loss [N], logits [N, B, K], labels [N, B] or [B], with the sums [N] tensors."""
+        loss = loss.detach()
+        # remembered on the device: checking each step on the host would sync every step
+        self.first_nonfinite = torch.where((self.first_nonfinite < 0) & ~torch.isfinite(loss),
+                                           self.step, self.first_nonfinite)
+        self.loss_sum += loss * labels.shape[-1]
+        self.correct += (logits.argmax(-1) == labels).sum(-1)
+        self.seen += labels.shape[-1]
+        self.step += 1
+
     def results(self) -> tuple[float, float, int]:
         """(mean loss, accuracy, images seen): the epoch's one host sync."""
         return self.loss_sum.item() / self.seen, self.correct.item() / self.seen, self.seen
@@ -113,29 +125,35 @@ def run_steps(
     """Train from state.step to the end of the epoch, or until stop() says so after a step."""
     model.train()
     for images, labels in batches.take(state.order, state.step):
-        x = ctx.inputs(images, train=True)
-        with ctx.autocast():
-            logits = model(x)
-            loss = ctx.loss_fn(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step()
-        loss = loss.detach()
-        # remembered on the device: checking each step on the host would sync every step
-        state.first_nonfinite = torch.where((state.first_nonfinite < 0) & ~torch.isfinite(loss),
-                                            state.step, state.first_nonfinite)
-        state.loss_sum += loss * len(labels)
-        state.correct += (logits.argmax(1) == labels).sum()
-        state.seen += len(labels)
-        state.step += 1
+        train_step(model, images, labels, ctx, optimizer, scheduler, state, grad_clip)
         if progress is not None:
             progress.update(1)
         if stop is not None and stop():
             break
     return state
+
+
+def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, ctx: StepContext,
+               optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, state: EpochState,
+               grad_clip: float | None = None) -> None:
+    """One training step on one batch, counted into the epoch's state."""
+    x = ctx.inputs(images, train=True)
+    with ctx.autocast():
+        logits = model(x)
+        loss = ctx.loss_fn(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    update(model.parameters(), optimizer, scheduler, grad_clip)
+    state.count(loss, logits, labels)
+
+
+def update(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer,
+           scheduler: torch.optim.lr_scheduler.LRScheduler, grad_clip: float | None) -> None:
+    """What follows the backward pass: clip the gradients, step the optimizer and the schedule."""
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
 
 
 def train_one_epoch(

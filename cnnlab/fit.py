@@ -8,6 +8,8 @@
 
 Every file of the run directory is written here or by what is called from here; summary.json
 only through the RunRecord (record.py). Under torchrun every rank trains and only rank 0 writes.
+The fused launcher drives the same phases for each member of a group (opened_run, begin_epoch,
+close_epoch, end_epoch, finish), with the group's steps in between (fused/group.py).
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,6 +69,19 @@ def fit(run: RunConfig, run_dir: Path, overrides: list[str] | None = None, recor
 
 def _fit(run: RunConfig, run_dir: Path, overrides: list[str], record: RunRecord, world: World,
          judge: EpochJudge | None) -> Summary:
+    # signals are caught from the start, so one that comes during set-up also stops cleanly at the first step
+    with GracefulStop() as stop, opened_run(run, run_dir, overrides, record, world, judge, stop) as state:
+        _epochs(state)
+        finish(state)
+    return record.summary
+
+
+@contextlib.contextmanager
+def opened_run(run: RunConfig, run_dir: Path, overrides: list[str], record: RunRecord, world: World,
+               judge: EpochJudge | None, stop: GracefulStop, shared: dict[str, Any] | None = None) -> Iterator[TrainState]:
+    """The run set up (and resumed) for its epochs, which the caller trains: fit(), or the fused launcher
+    for each member of a group. A failure inside is recorded in summary.json; trackers close at the end.
+    shared: the loaded data of runs opened before, by dataset config and seed (a fused group loads it once)."""
     configure_determinism(run.trainer.deterministic)
     if run.trainer.num_threads:
         torch.set_num_threads(run.trainer.num_threads)
@@ -75,15 +92,12 @@ def _fit(run: RunConfig, run_dir: Path, overrides: list[str], record: RunRecord,
     try:
         if world.is_main:  # under torchrun only rank 0 writes files
             trackers = open_trackers(run.logger, run.to_dict(), run_dir, record.summary, bool(run.trainer.resume))
-        # signals are caught from the start, so one that comes during set-up also stops cleanly at the first step
-        with GracefulStop() as stop:
-            state = _setup(run, prep, run_dir, record, trackers, stop, world)
-            state.judge = judge
-            if run.trainer.resume:
-                _resume(state, overrides)
-            _record_built(state)
-            _epochs(state)
-            _finish(state)
+        state = _setup(run, prep, run_dir, record, trackers, stop, world, {} if shared is None else shared)
+        state.judge = judge
+        if run.trainer.resume:
+            _resume(state, overrides)
+        _record_built(state)
+        yield state
     except Interrupted:
         raise  # checkpointed and recorded where
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint
@@ -94,22 +108,24 @@ def _fit(run: RunConfig, run_dir: Path, overrides: list[str], record: RunRecord,
         raise
     finally:
         trackers.close(record.summary if record.live else None, run_dir)
-    return record.summary
 
 
 # ------------------------------------------------------------------------------- setup
 
 
 def _setup(run: RunConfig, prep: Prepared, run_dir: Path, record: RunRecord, trackers: Trackers,
-           stop: GracefulStop, world: World) -> TrainState:
+           stop: GracefulStop, world: World, shared: dict[str, Any]) -> TrainState:
     t = run.trainer
     card = model_card_logged(run, prep)
     if t.batch_size % world.size:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is the global batch and must divide evenly over the "
                           f"{world.size} processes of this torchrun; use a multiple of {world.size}")
-    loaded = load_dataset(run.dataset, seed=t.seed)
+    key = repr((run.dataset, t.seed, prep.device))  # the seed draws the validation split
+    if key not in shared:
+        loaded = load_dataset(run.dataset, seed=t.seed)
+        shared[key] = loaded, place_data(loaded, run.dataset.loader, run.dataset.num_workers, prep.device, world)
+    loaded, data = shared[key]
     spec, device = loaded.spec, prep.device  # spec: the class names the files name
-    data = place_data(loaded, run.dataset.loader, run.dataset.num_workers, device, world)
     log.info("data %s: %d train / %d val / %d test images, %d classes, %s%s", spec.name, len(loaded.train),
              len(loaded.val) if loaded.val else 0, len(loaded.test), spec.num_classes, data.loader,
              f" ({data.workers} workers)" if data.loader == "streaming" else " on the device")
@@ -207,30 +223,40 @@ def _interrupted(s: TrainState, epoch: int, partial: EpochState | None) -> Inter
 def _epochs(s: TrainState) -> None:
     for epoch in range(s.done + 1, s.run.trainer.epochs + 1):
         state = _train_epoch(s, epoch)
-        if not _end_epoch(s, epoch, state):
+        if not end_epoch(s, epoch, state):
             break
 
 
 def _train_epoch(s: TrainState, epoch: int) -> EpochState:
     """One epoch of steps (or the rest of an interrupted one); a signal checkpoints mid-epoch and stops."""
     t = s.run.trainer
-    state, s.partial = s.partial or EpochState.begin(s.batches, s.optimizer, s.device), None
+    state = begin_epoch(s)
     tic = time.perf_counter()
     show = t.progress and (sys.stderr.isatty() or notebook.in_notebook()) and s.world.is_main
     with notebook.progress_bar()(total=len(s.batches), initial=state.step, desc=f"epoch {epoch}/{t.epochs}", leave=False,
               delay=PROGRESS_DELAY_S, disable=not show, file=sys.stderr) as bar:
         run_steps(s.step_model, s.batches, s.ctx, s.optimizer, s.scheduler, state, bar, s.stopping, t.grad_clip)
-    elapsed = time.perf_counter() - tic
-    state.seconds += elapsed
-    s.train_seconds += elapsed
-    state.reduce()
-    if state.step < len(s.batches):  # a signal stopped the epoch between two steps
-        _save(s, "last.pt", epoch - 1, state)
-        raise _interrupted(s, epoch, state)
+    close_epoch(s, epoch, state, time.perf_counter() - tic)
     return state
 
 
-def _end_epoch(s: TrainState, epoch: int, state: EpochState) -> bool:
+def begin_epoch(s: TrainState) -> EpochState:
+    """The epoch's state: a new one, or the one an interrupt stopped, to continue."""
+    state, s.partial = s.partial or EpochState.begin(s.batches, s.optimizer, s.device), None
+    return state
+
+
+def close_epoch(s: TrainState, epoch: int, state: EpochState, elapsed: float) -> None:
+    """The steps' time and totals; an epoch a signal stopped between two steps is checkpointed: Interrupted."""
+    state.seconds += elapsed
+    s.train_seconds += elapsed
+    state.reduce()
+    if state.step < len(s.batches):
+        _save(s, "last.pt", epoch - 1, state)
+        raise _interrupted(s, epoch, state)
+
+
+def end_epoch(s: TrainState, epoch: int, state: EpochState) -> bool:
     """Validate, log, examine, checkpoint; False when the run stops after this epoch."""
     train_loss, train_acc, val = _validate_and_log(s, epoch, state)
     first_bad = int(state.first_nonfinite.item())
@@ -323,7 +349,7 @@ def _examine(s: TrainState, epoch: int, train_loss: float, val: Evaluation | Non
 # ------------------------------------------------------------------------------- finish
 
 
-def _finish(s: TrainState) -> None:
+def finish(s: TrainState) -> None:
     """The test set, scored once with the weights that were best on validation; the run's plots."""
     t, feature_maps = s.run.trainer, None
     if s.best_epoch:

@@ -24,10 +24,11 @@ from cnnlab.precheck import check_command_line, varying_keys
 from cnnlab.record import RunRecord, Summary, read_summary
 from cnnlab.report import console_table
 from cnnlab.resume import resume_argv, resume_point, resumed_config
-from cnnlab.search.plugin import register_sweeper
+from cnnlab.plugins import register_plugins
 from cnnlab.search.trial import trial_judge
 from cnnlab.rundir import SWEEP_COMMAND_ENV, SWEEP_KEYS_ENV, holds_a_run, release
 from cnnlab.fit import fit
+from cnnlab.fused.session import current as fused_session
 
 log = logging.getLogger("cnnlab")
 
@@ -42,6 +43,12 @@ def run_job(cfg: DictConfig) -> Summary | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    group = fused_session()
+    if group is not None and group.training:  # the fused launcher's second pass: the group trains, once
+        summary = group.result(hydra_cfg.job.num)
+        if summary is not None:
+            log.info("%s", console_table(summary, run_dir))
+        return summary
     world = distributed.world_from_env()
     if not world.is_main:  # rank 0 speaks for the run; the others only warn
         log.setLevel(logging.WARNING)
@@ -65,6 +72,9 @@ def run_job(cfg: DictConfig) -> Summary | None:
         record = opener(run_dir, overrides, writes=world.is_main)
         judge = trial_judge(hydra_cfg.sweeper, Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, run_dir,
                             run.trainer.epochs) if multirun else None  # a search's trial: its pruner
+        if group is not None:  # the fused launcher's first pass: the run is opened for its group, not trained
+            group.join(hydra_cfg.job.num, run, run_dir, overrides, record, world, judge)
+            return None
         with job_placement(cfg):  # jobs side by side: a share of the CPU threads, a GPU each
             summary = fit(run, run_dir, overrides, record, judge)
     except Interrupted:  # checkpointed at a step boundary; summary.json says interrupted
@@ -143,7 +153,7 @@ def checked_command_line(argv: list[str], env: MutableMapping[str, str]) -> list
     """The command line with trainer.resume made safe, every job composed and checked (ConfigError
     otherwise); for a sweep, `env` gets what its jobs' directories and its stop message need."""
     offer_registered_models(argv)  # `model=<name>` for models registered in Python
-    register_sweeper()  # hydra/sweeper=optuna, whatever kind of install this is
+    register_plugins()  # hydra/sweeper=optuna and hydra/launcher=fused, whatever kind of install this is
     given, argv = argv, resume_argv(argv)
     jobs = check_command_line(argv, _job_check(argv))  # every job composed and checked before anything runs
     if len(jobs) > 1:  # for the sweep's jobs, in whatever process a launcher runs them

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.checks import ConfigError
 from cnnlab.config import config_dir, validate
+from cnnlab.fused.settings import LAUNCHER_TARGET, FusedSettings
 from cnnlab.search.settings import SWEEPER_TARGET, SearchSettings
 from cnnlab.search.space import GRAMMAR, parse_space
 
@@ -44,6 +45,8 @@ def check_command_line(argv: list[str], check_job: Callable[[DictConfig], None] 
         if multirun and jobs is None:
             return []  # another sweeper: it knows its own search space
         check = check_job or validate
+        if multirun and base.hydra.launcher.get("_target_") == LAUNCHER_TARGET:
+            FusedSettings.from_config(base.hydra.launcher)  # hydra/launcher=fused's settings
         if multirun and base.hydra.sweeper.get("_target_") == SWEEPER_TARGET:
             check = _search_check(check)
         failures = []

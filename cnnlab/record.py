@@ -89,6 +89,7 @@ class Summary:
     precision: str | None = None
     loader: str | None = None
     world_size: int | None = None
+    fused_group: dict[str, Any] | None = None  # trained in a fused group (hydra/launcher=fused): its jobs and how
     # progress, after every epoch
     epochs_completed: int | None = None
     train_seconds: float | None = None

@@ -81,7 +81,7 @@ KILL_POINTS = {
     "writing last.pt of epoch 2": "rename:last.pt:2",
     "writing summary.json": "rename:summary.json:4",
     "writing the metrics row of epoch 2": "metrics_row:-:2",
-    "between the last epoch and the test score": "call:_finish:1",
+    "between the last epoch and the test score": "call:finish:1",
     "scoring the test set": "call:evaluate:3",
 }
 

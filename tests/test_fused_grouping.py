@@ -13,14 +13,15 @@ def configs(*jobs: str) -> list[dict]:
     return [validate(compose_config("+debug=smoke", *job.split())).to_dict() for job in jobs]
 
 
-def test_members_may_differ_in_hyperparameters_loss_dropout_and_seed() -> None:
+def test_members_may_differ_in_hyperparameters_loss_dropout_activation_and_seed() -> None:
     jobs = configs("optimizer.lr=0.1", "optimizer.lr=0.01 optimizer.momentum=0.5", "optimizer.weight_decay=0",
                    "loss=mse", "loss.label_smoothing=0.1", "model.dropout=0.5", "trainer.seed=3",
-                   "scheduler.pct_start=0.1", "trainer.progress=true viz.feature_maps=true name=other")
-    assert plan_groups(jobs, max_members=16) == [list(range(9))]
+                   "scheduler.pct_start=0.1", "trainer.progress=true viz.feature_maps=true name=other",
+                   "model.activation=tanh")
+    assert plan_groups(jobs, max_members=16) == [list(range(10))]
 
 
-@pytest.mark.parametrize("apart", ["trainer.batch_size=64", "trainer.epochs=3", "model.activation=tanh",
+@pytest.mark.parametrize("apart", ["trainer.batch_size=64", "trainer.epochs=3", "model.batch_norm=true",
                                    "model=cifarnet", "model.kernel_size=3", "augmentation=flip", "optimizer=adam",
                                    "scheduler=none", "dataset.image_size=20", "trainer.precision=bf16"])
 def test_what_shapes_the_step_keeps_jobs_apart(apart: str) -> None:

@@ -17,7 +17,7 @@ from conftest import run_cnnlab
     ("optimizer.lrr=0.1", "optimizer.lrr is not a key of optimizer 'sgd'; valid keys: name, lr, momentum"),
     ("optimizer.lr=[0.1", "'optimizer.lr=[0.1' is not a valid override of optimizer.lr"),
     ("+debug=smok", "debug=smok is not a debug config; choose one of: smoke"),
-    ("hydra/launcher=jobliby", "hydra/launcher=jobliby is not a hydra/launcher config; choose one of: basic, joblib"),
+    ("hydra/launcher=jobliby", "hydra/launcher=jobliby is not a hydra/launcher config; choose one of: basic, fused, joblib"),
 ])
 def test_what_hydra_catches_is_one_paragraph_and_exit_2(tmp_path: Path, override: str, expected: str) -> None:
     done = run_cnnlab(override, cwd=tmp_path)

@@ -99,7 +99,7 @@ def test_a_run_killed_after_its_epochs_says_how_far_it_got(tmp_path: Path) -> No
     """summary.json is written after every epoch: a process killed before the end (here: at the test
     score, with os._exit, which runs no cleanup) leaves status running with every epoch recorded."""
     run_dir = tmp_path / "run"
-    code = ("import os, sys; import cnnlab.fit as t; t._finish = lambda state: os._exit(9); "
+    code = ("import os, sys; import cnnlab.fit as t; t.finish = lambda state: os._exit(9); "
             "from cnnlab.__main__ import main; sys.argv[1:] = sys.argv[2:]; main()")
     done = subprocess.run([sys.executable, "-c", code, "-", "+debug=smoke", f"hydra.run.dir={run_dir}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ})

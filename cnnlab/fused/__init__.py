@@ -1,1 +1,1 @@
-"""Fused sweeps (issue 17, in progress): which jobs of a sweep can share one training step."""
+"""Fused sweeps (hydra/launcher=fused): a sweep's jobs that can share a step train as one wide model."""

@@ -3,12 +3,13 @@
 Members of a group share one step, so they must agree on everything that shapes it: model family and
 architecture, dataset, batch size, epochs, augmentation, precision, device, optimizer and scheduler
 kinds. They may differ where the fused step keeps a value per member (MEMBER_KEYS): optimizer and
-schedule hyperparameters, the loss, the dropout rate, and the seed (each member its own initial
-weights, data order and augmentation draws). Settings that change no result (progress bar, eval
+schedule hyperparameters, the loss, the dropout rate, the activation, and the seed (each member its own
+initial weights, data order and augmentation draws). Settings that change no result (progress bar, eval
 batch size, trackers, report, plots, the run's name) do not keep jobs apart.
 
-This is the rule the fused launcher applies (issue 17); the engine that trains a group is not built
-yet. Activation is not a member key: whether a per-member activation is cheap enough is to be measured.
+The activation is a member key because it is cheap where it matters: a per-member activation costs one
+elementwise op per choice per site (stacked.py), while keeping the members apart would halve a grid's
+groups and double its steps (benchmarks/results/fused_sweep_*.md).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ MEMBER_KEYS: dict[str, tuple[str, ...]] = {
     "optimizer": ("lr", "momentum", "weight_decay", "betas", "eps", "nesterov", "alpha"),
     "scheduler": ("*",),
     "loss": ("*", "name"),  # cross-entropy or MSE, each with its own settings
-    "model": ("dropout",),
+    "model": ("dropout", "activation"),
     "trainer": ("seed",),
 }
 # whole groups and keys that change no result: they never keep two jobs apart

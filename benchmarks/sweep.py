@@ -1,0 +1,154 @@
+"""What a fused sweep saves: wall time of the 12-run LeNet grid (+experiment=lenet_grid: lr x activation x
+loss) one by one, with joblib sharing the device, and fused (hydra/launcher=fused), plus a 4-run ResNet-18
+group one by one and fused, on CIFAR-shaped data (dataset=synthetic at 32x32, no files needed).
+
+Every sweep is the real command line, run here one after another, side by side in this one process, so
+the ratios compare like with like on a shared machine. Each sweep's runs are read back from their
+summary.json: all must complete, and the fused runs' final validation accuracies are compared with the
+one-by-one runs' (equal to float tolerance on the CPU; on CUDA, kernels differ by sum order).
+
+The ResNet-18 rows give training throughput as a fraction of the device's dense bf16 peak: images/s x
+the model's forward FLOPs per image x 3 (forward and backward), against --peak-tflops.
+
+    python -m benchmarks.sweep                       # CPU: small sizes, a few minutes (make bench-sweep)
+    python -m benchmarks.sweep --device cuda --train-size 50000 --epochs 3 --long-epochs 20 --jobs 4 \\
+        --resnet-train-size 50000 --peak-tflops 989
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def sweep(name: str, args: list[str], out: Path, timeout: float) -> dict[str, Any]:
+    """One sweep's command, timed; its runs' summaries."""
+    sweep_dir = out / "".join(c if c.isalnum() else "_" for c in name)
+    tic = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-m", "cnnlab", "-m", *args, f"hydra.sweep.dir={sweep_dir}"],
+                              capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        error = done.stderr[-2000:] if done.returncode else None
+    except subprocess.TimeoutExpired:
+        error = f"timed out after {timeout:.0f} s"
+    seconds = time.perf_counter() - tic
+    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary.json"))}
+    statuses = sorted({r["status"] for r in runs.values()})
+    print(f"{name}: {seconds:.1f} s, {len(runs)} runs {statuses}" + (f"\n{error}" if error else ""), flush=True)
+    return {"name": name, "seconds": seconds, "runs": runs, "error": error}
+
+
+def grid_args(a: argparse.Namespace, epochs: int) -> list[str]:
+    return ["+experiment=lenet_grid", "dataset=synthetic", "dataset.image_size=32", f"dataset.train_size={a.train_size}",
+            f"dataset.test_size={a.test_size}", f"trainer.epochs={epochs}", f"trainer.device={a.device}"]
+
+
+def resnet_args(a: argparse.Namespace) -> list[str]:
+    precision = ["trainer.precision=bf16"] if a.device == "cuda" else []
+    return ["model=resnet18", "dataset=synthetic", "dataset.image_size=32", f"dataset.train_size={a.resnet_train_size}",
+            f"dataset.test_size={a.test_size}", "trainer.epochs=1", f"trainer.batch_size={a.resnet_batch}",
+            f"trainer.device={a.device}", "trainer.seed=0,1,2,3", *precision]
+
+
+def agreement(fused: dict, alone: dict) -> str:
+    """The largest difference in final validation accuracy between a fused run and its lone twin."""
+    pairs = [(fused["runs"][k].get("final_val_acc"), alone["runs"][k].get("final_val_acc"))
+             for k in fused["runs"] if k in alone["runs"]]
+    diffs = [abs(f - g) for f, g in pairs if f is not None and g is not None]
+    return f"{max(diffs):.4f}" if diffs else "n/a"
+
+
+def throughput(result: dict) -> float:
+    """Training images per second of the whole sweep's training: a fused group's members share their wall time."""
+    runs = list(result["runs"].values())
+    images = sum((r.get("train_size") or 0) * (r.get("epochs_completed") or 0) for r in runs)
+    fused = any(r.get("fused_group") for r in runs)
+    seconds = max(r.get("train_seconds") or 0 for r in runs) if fused else sum(r.get("train_seconds") or 0 for r in runs)
+    return images / seconds if seconds else 0.0
+
+
+def table(rows: list[dict], base: dict, epochs: int) -> list[str]:
+    lines = ["| sweep | runs completed | wall time | vs one by one | max diff in final val acc vs one by one |",
+             "|---|---|---:|---:|---:|"]
+    for r in rows:
+        done = sum(s["status"] == "completed" for s in r["runs"].values())
+        lines.append(f"| {r['name']} | {done} of {len(r['runs'])} | {r['seconds']:.1f} s | "
+                     f"{base['seconds'] / r['seconds']:.2f}x | {agreement(r, base) if r is not base else '-'} |")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--train-size", type=int, default=5000, help="training images of the LeNet grid's data")
+    p.add_argument("--test-size", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=2, help="epochs per run in the side-by-side grid")
+    p.add_argument("--long-epochs", type=int, default=0, help="also time the fused grid alone at this many epochs")
+    p.add_argument("--jobs", type=int, default=2, help="joblib's n_jobs")
+    p.add_argument("--resnet-train-size", type=int, default=512)
+    p.add_argument("--resnet-batch", type=int, default=128)
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's dense bf16 peak, for the ResNet rows")
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--work", type=Path, default=Path("outputs/bench_sweep"))
+    a = p.parse_args()
+    device_name = _device_name(a.device)
+    grid = grid_args(a, a.epochs)
+    fused = sweep("fused", [*grid, "hydra/launcher=fused"], a.work, a.timeout)
+    shared = sweep(f"joblib n_jobs={a.jobs}", [*grid, "hydra/launcher=joblib", f"hydra.launcher.n_jobs={a.jobs}"],
+                   a.work, a.timeout)
+    alone = sweep("one by one", grid, a.work, a.timeout)
+    lines = [f"### Fused sweeps on {device_name} ({a.device})", "",
+             f"`python -m benchmarks.sweep {' '.join(sys.argv[1:])}`; torch {_torch_version()}; {time.strftime('%Y-%m-%d')}",
+             "", f"The 12-run LeNet grid (`+experiment=lenet_grid`: lr x activation x loss), {a.epochs} epochs per run on "
+             f"CIFAR-shaped synthetic data ({a.train_size} training images):", "",
+             *table([alone, shared, fused], alone, a.epochs)]
+    if a.long_epochs:
+        long = sweep(f"fused, {a.long_epochs} epochs", [*grid_args(a, a.long_epochs), "hydra/launcher=fused"], a.work, a.timeout)
+        lines += ["", f"The fused grid at {a.long_epochs} epochs per run: {long['seconds']:.1f} s wall time, "
+                  f"{sum(s['status'] == 'completed' for s in long['runs'].values())} of {len(long['runs'])} runs completed."]
+    lines += ["", *_resnet_rows(a)]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"fused_sweep_{a.device}.md").write_text(text)
+
+
+def _resnet_rows(a: argparse.Namespace) -> list[str]:
+    rows = []
+    for name, extra in (("ResNet-18 x4 one by one", []), ("ResNet-18 x4 fused", ["hydra/launcher=fused"])):
+        r = sweep(name, [*resnet_args(a), *extra], a.work, a.timeout)
+        runs = list(r["runs"].values())
+        flops = (runs[0].get("flops_per_image") or 0) if runs else 0
+        speed = throughput(r)
+        peak = f"{speed * flops * 3 / (a.peak_tflops * 1e12):.1%}" if a.peak_tflops and flops else "n/a"
+        rows.append(f"| {name} | {sum(s['status'] == 'completed' for s in runs)} of {len(runs)} | {r['seconds']:.1f} s | "
+                    f"{speed:,.0f} | {peak} |")
+    return [f"A 4-run ResNet-18 group (trainer.seed=0..3), 1 epoch of {a.resnet_train_size} images at batch "
+            f"{a.resnet_batch}{', bf16' if a.device == 'cuda' else ''}; training images/s over all runs, and the "
+            f"training FLOP/s (3 x forward) as a fraction of {a.peak_tflops or 'n/a'} TFLOP/s:", "",
+            "| sweep | runs completed | wall time | training images/s | of bf16 peak |", "|---|---|---:|---:|---:|", *rows]
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{os.cpu_count()}-core CPU"
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""A fused group's life: each member is opened as its own run (its directory, record, model, data,
+optimizer, resume), the members train their epochs together, and each ends on its own.
+
+Everything but the steps is fit()'s own code, called per member (fit.opened_run, end_epoch, finish),
+so a member writes exactly the run directory its lone run writes. One member's ending is its own: a
+member that diverges, gets stuck (trainer.stop_when_stuck), is pruned or fails is finished and taken
+out of the group; the others go on in a group rebuilt without it. A signal checkpoints every member.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnnlab import fit
+from cnnlab.config import RunConfig
+from cnnlab.distributed import World
+from cnnlab.fused.logs import MemberLogs, job_log_files, routed
+from cnnlab.fused.stacked import StackedModels
+from cnnlab.fused.steps import Stepper, loop_epoch, member_rng, vmap_epoch
+from cnnlab.interrupt import GracefulStop, Interrupted
+from cnnlab.record import RunRecord, Summary, claim
+from cnnlab.search.trial import EpochJudge
+from cnnlab.trainstate import TrainState
+
+log = logging.getLogger("cnnlab")
+
+
+@dataclass
+class Member:
+    """One job of a group, opened: its run's state and what closes it."""
+
+    tag: str  # "job 3": its lines on the console
+    state: TrainState
+    generator: torch.Generator  # its dropout stream: what the global RNG is to its lone run
+    log_files: list[tuple[str, logging.Formatter | None]]
+    closer: contextlib.ExitStack
+    summary: Summary | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state.run_dir
+
+    def close(self, err: BaseException | None = None) -> None:
+        """The member's run ends: its record (failed, if err is a failure), trackers and directory lock."""
+        self.closer.__exit__(type(err) if err else None, err, err.__traceback__ if err else None)
+        self.summary = self.state.record.summary
+
+
+def open_member(tag: str, run: RunConfig, run_dir: Path, overrides: list[str], record: RunRecord, world: World,
+                judge: EpochJudge | None, stop: GracefulStop, shared: dict[str, Any]) -> Member:
+    """Open one job for its group, inside the job's Hydra context (its train.log gets the set-up's lines).
+    shared: what the group's members load once (fit.opened_run)."""
+    closer = contextlib.ExitStack()
+    try:
+        closer.enter_context(claim(run_dir))
+        state = closer.enter_context(fit.opened_run(run, run_dir, overrides, record, world, judge, stop, shared))
+    except BaseException:
+        closer.close()
+        raise
+    device = state.device
+    generator = torch.Generator(device)
+    generator.set_state(torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device))
+    return Member(tag, state, generator, job_log_files(), closer)
+
+
+def train_group(members: list[Member], mode: str, describe: dict[str, Any]) -> None:
+    """Train the opened members to their ends; each member's summary is set. Raises Interrupted after a
+    signal has checkpointed every member. mode: vmap|loop (see steps.py)."""
+    for m in members:
+        m.state.record.built(fused_group={**describe, "mode": mode})
+    stopped: list[Interrupted] = []
+    router = MemberLogs([m.log_files for m in members], [m.tag for m in members])
+    with routed(router):
+        log.info("fused group of %d jobs (%s), training together: %s", len(members), mode,
+                 ", ".join(m.tag for m in members))
+        positions: dict[tuple[int, int], list[Member]] = {}
+        for m in members:  # members resumed at different points (one resumed alone) train in turn
+            positions.setdefault((m.state.done, m.state.partial.step if m.state.partial else 0), []).append(m)
+        for part in positions.values():
+            _train_part(part, mode, router, members, stopped)
+    if stopped:
+        raise stopped[0]
+
+
+def _train_part(part: list[Member], mode: str, router: MemberLogs, everyone: list[Member],
+                stopped: list[Interrupted]) -> None:
+    active, epochs = list(part), part[0].state.run.trainer.epochs
+    stacked = _stacked(active) if mode == "vmap" else None
+    for epoch in range(part[0].state.done + 1, epochs + 1):
+        if not active:
+            break
+        went_on = _epoch(active, epoch, mode, stacked, router, everyone, stopped)
+        if len(went_on) != len(active) and stacked is not None:
+            stacked.release()  # each member's tensors its own again; the group goes on without those that ended
+            stacked = _stacked(went_on) if went_on else None
+        for m in active:
+            if m not in went_on and m.summary is None:  # ended (diverged, stuck, pruned), not failed or stopped
+                _end(m, router, everyone)
+        active = went_on
+    if stacked is not None:
+        stacked.release()
+    for m in active:
+        _end(m, router, everyone)
+
+
+def _stacked(members: list[Member]) -> StackedModels | None:
+    """The members' models stacked for vmap, or None (each member steps in turn) where vmap cannot run them."""
+    stacked = StackedModels([m.state.model for m in members])
+    try:
+        probe = torch.stack([m.state.ctx.inputs(m.state.probe.images, train=False) for m in members])  # no draws
+        stacked.check(probe, [m.generator for m in members])
+    except Exception as err:  # noqa: BLE001 - whatever vmap refuses, the members still train, one step each
+        stacked.release()
+        for m in members:
+            m.state.record.built(fused_group={**(m.state.record.summary.fused_group or {}), "mode": "loop"})
+        log.warning("this model cannot be fused with torch.func.vmap (%s: %s); the group's members step one after "
+                    "another instead (hydra.launcher.fuse=loop)", type(err).__name__, str(err).splitlines()[0][:300])
+        return None
+    return stacked
+
+
+def _epoch(active: list[Member], epoch: int, mode: str, stacked: StackedModels | None, router: MemberLogs,
+           everyone: list[Member], stopped: list[Interrupted]) -> list[Member]:
+    """One epoch of the active members; returns those that go on to the next."""
+    epochs = [fit.begin_epoch(m.state) for m in active]
+    stepper = Stepper([m.state for m in active], epochs, [m.generator for m in active], active[0].state.stopping)
+    tic = time.perf_counter()
+    if stacked is not None:
+        vmap_epoch(stepper, stacked)
+    else:
+        loop_epoch(stepper)
+    elapsed = time.perf_counter() - tic  # the group's wall time is each member's: its epoch took that long
+    went_on = []
+    for m, state in zip(active, epochs):
+        try:
+            with router.about(everyone.index(m)), member_rng(m.generator):
+                fit.close_epoch(m.state, epoch, state, elapsed)
+                if fit.end_epoch(m.state, epoch, state):
+                    went_on.append(m)
+        except Interrupted as err:  # checkpointed and recorded as interrupted
+            stopped.append(err)
+            m.close(err)
+        except Exception as err:  # this member's failure is its own
+            log.exception("%s failed; the rest of its group goes on", m.tag)
+            m.close(err)
+    return went_on
+
+
+def _end(m: Member, router: MemberLogs, everyone: list[Member]) -> None:
+    """A member's last phase (its test score and plots), then its run is closed, failed or not."""
+    try:
+        with router.about(everyone.index(m)), member_rng(m.generator):
+            fit.finish(m.state)
+    except Exception as err:
+        log.exception("%s failed", m.tag)
+        m.close(err)
+        return
+    m.close()

@@ -1,0 +1,104 @@
+"""hydra/launcher=fused: a sweep's jobs in groups that train as one (hydra_plugins/cnnlab_fused holds the
+Hydra class). Jobs that fuse with no other run as Hydra's basic launcher runs them; a group's jobs run
+through Hydra's run_job twice each (session.py), so every member gets its directory, config files,
+train.log and outcome exactly as a lone job does. Groups run one after another on one device.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from cnnlab.build import select_device, training_step_bytes
+from cnnlab.config import validate
+from cnnlab.fused.grouping import plan_groups
+from cnnlab.fused.session import Session, active
+from cnnlab.fused.settings import FusedSettings
+from cnnlab.interrupt import GracefulStop, Interrupted
+from cnnlab.memory import available_bytes, gigabytes
+
+log = logging.getLogger("cnnlab")
+
+
+def launch(settings: FusedSettings, context: HydraContext, task: TaskFunction, config: DictConfig,
+           job_overrides: Sequence[Sequence[str]], first: int) -> list[JobReturn]:
+    """Every job of the batch, fused where they can be; stops after a job a signal stopped."""
+    setup_globals()
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    configs = []
+    for index, overrides in enumerate(job_overrides):
+        job = context.config_loader.load_sweep_config(config, list(overrides))
+        with open_dict(job):
+            job.hydra.job.id = job.hydra.job.num = first + index
+        configs.append(job)
+    tasks = [OmegaConf.to_container(c, resolve=False) for c in configs]
+    groups = [part for group in plan_groups([{k: v for k, v in t.items() if k != "hydra"} for t in tasks],
+                                            settings.max_members)
+              for part in _by_memory(group, configs, settings)]
+    returns: dict[int, JobReturn] = {}
+    for number, group in enumerate(groups):
+        jobs = [first + i for i in group]
+        log.info("fused launcher: group %d of %d: job%s %s", number + 1, len(groups), "s" * (len(jobs) > 1),
+                 ", ".join(f"#{j} {' '.join(filter_overrides(job_overrides[j - first]))}" for j in jobs))
+        if len(group) == 1:
+            returns[group[0]] = _run(context, task, configs[group[0]])
+        else:
+            # a group is named by its first job, unique in the sweep (a search launches its trials in batches)
+            returns.update(_fused(settings, context, task, configs, group, {"group": jobs[0], "jobs": jobs}))
+        if any(_stopped(r) for r in returns.values()):
+            break  # a signal stopped the sweep: what is left runs when the command is run again
+    return [returns[i] for i in sorted(returns)]
+
+
+def _fused(settings: FusedSettings, context: HydraContext, task: TaskFunction, configs: list[DictConfig],
+           group: list[int], describe: dict[str, Any]) -> dict[int, JobReturn]:
+    """A group's jobs: each opened through run_job, then all trained on the first one's second run_job."""
+    returns: dict[int, JobReturn] = {}
+    with GracefulStop() as stop:  # one for the group: a signal checkpoints every member
+        session = Session(settings, describe, stop)
+        with active(session):
+            for index in group:
+                returns[index] = _run(context, task, configs[index])
+            session.training = True
+            for index in group:
+                if int(configs[index].hydra.job.num) in session.members:
+                    returns[index] = _run(context, task, configs[index])
+                    if _stopped(returns[index]):
+                        break
+    return returns
+
+
+def _run(context: HydraContext, task: TaskFunction, config: DictConfig) -> JobReturn:
+    ret = run_job(hydra_context=context, task_function=task, config=config, job_dir_key="hydra.sweep.dir",
+                  job_subdir_key="hydra.sweep.subdir")
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    return ret
+
+
+def _stopped(ret: JobReturn) -> bool:
+    return ret.status == JobStatus.FAILED and isinstance(ret._return_value, (Interrupted, KeyboardInterrupt))
+
+
+def _by_memory(group: list[int], configs: list[DictConfig], settings: FusedSettings) -> list[list[int]]:
+    """The group split so that each part's training steps fit memory_fraction of the device's free memory."""
+    if len(group) == 1:
+        return [group]
+    try:
+        job = configs[group[0]]
+        run = validate(OmegaConf.create({k: job[k] for k in job if k != "hydra"}))  # its own keys, not Hydra's
+        _, need = training_step_bytes(run)
+        free = available_bytes(select_device(run.trainer.device)) * settings.memory_fraction
+    except Exception:  # noqa: BLE001 - a config that does not build: the jobs themselves report what is wrong
+        return [group]
+    fits = max(1, math.floor(free / need)) if need > 0 and math.isfinite(free) else len(group)
+    if fits < len(group):
+        log.info("fused launcher: a member's training step takes about %s and %s may be used, so groups of at most %d",
+                 gigabytes(need), gigabytes(free), fits)
+    return [group[i:i + fits] for i in range(0, len(group), fits)]

@@ -1,0 +1,208 @@
+"""N members' models as one wide model: torch.func's vmap over functional_call, whose batching rules
+turn each convolution into one grouped convolution and each linear layer into one batched matmul (the
+fusion HFTA writes out by hand, for every model family at once).
+
+Each parameter and buffer of the members lives in one stacked tensor [N, ...]; the members' own
+modules keep working on views of their rows. So a member's optimizer, scheduler, doctor, evaluation
+and checkpoints see a plain model of their own, and an optimizer step on a member writes straight
+into the stack: no copy per step. BatchNorm's running statistics are stacked buffers too, updated in
+place per member inside vmap.
+
+Dropout draws per member, outside vmap: each member's masks come from its own generator, with the
+very calls F.dropout makes on the CPU (bernoulli_(1 - p), then / (1 - p)), so on the CPU a member gets
+bitwise the masks its lone run gets. The masks enter the vmapped forward as inputs, one per dropout
+call, in call order (traced once per batch size).
+
+Members may choose different activations: where they do, the template computes each choice and keeps
+the member's (torch.where on the member's kind, a vmapped input). An extra elementwise op per choice
+per site, against one group instead of one per activation.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+
+class _Feed:
+    """What one fused forward hands the template's layers: dropout masks in call order, activation kinds."""
+
+    def __init__(self) -> None:
+        self.masks: Iterator[torch.Tensor] | None = None
+        self.kinds: torch.Tensor | None = None  # per activation site, which of its activations this member uses
+        self.calls: list[tuple[str, tuple[int, ...]]] | None = None  # set while tracing: (layer, input shape) per call
+
+
+class _FedDropout(nn.Module):
+    """Stands in for nn.Dropout in the fused template: multiplies by the member's mask."""
+
+    def __init__(self, feed: _Feed, name: str) -> None:
+        super().__init__()
+        self.feed, self.name = feed, name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feed.calls is not None:
+            self.feed.calls.append((self.name, tuple(x.shape)))
+            return x
+        if not self.training or self.feed.masks is None:
+            return x
+        return x * next(self.feed.masks)
+
+
+class _FedActivation(nn.Module):
+    """Stands in for an activation the members choose differently: each member gets its own. Every choice
+    is computed and the member's kept (torch.where), so the others' gradients are zero, as they are alone."""
+
+    def __init__(self, feed: _Feed, site: int, choices: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.feed, self.site, self.choices = feed, site, nn.ModuleList(choices)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.choices[0](x)
+        for kind, act in enumerate(self.choices[1:], 1):
+            out = torch.where(self.feed.kinds[self.site] == kind, act(x), out)
+        return out
+
+
+def _in_fp32(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return (args[0].float(),)
+
+
+ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.GELU)
+
+
+def _template(models: Sequence[nn.Module], feed: _Feed) -> tuple[nn.Module, list[str], torch.Tensor]:
+    """A copy of the first model whose dropout layers take masks and whose activations follow each member;
+    the dropout layers' names, and the members' activation kinds [N, sites]."""
+    template = copy.deepcopy(models[0])
+    names, kinds = [], []
+    for name, module in list(template.named_modules()):
+        parent, _, leaf = name.rpartition(".")
+        owner = template.get_submodule(parent) if parent else template
+        if type(module) is nn.Dropout and not any(m.get_submodule(name).p for m in models):
+            setattr(owner, leaf, nn.Identity())  # p=0 for every member: no draws, as F.dropout makes none
+        elif type(module) is nn.Dropout:
+            setattr(owner, leaf, _FedDropout(feed, name))
+            names.append(name)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            # under bf16 autocast a norm gets a conv's bf16 output, and vmap's CUDA batch-norm backward
+            # refuses bf16 input with fp32 running statistics; in fp32 (as autocast leaves norms) it runs
+            module.register_forward_pre_hook(_in_fp32)
+        elif isinstance(module, ACTIVATION_TYPES):
+            own = [m.get_submodule(name) for m in models]
+            choices = list({repr(a): a for a in own}.values())  # one per distinct activation (and its settings)
+            if len(choices) > 1:
+                setattr(owner, leaf, _FedActivation(feed, len(kinds), copy.deepcopy(choices)))
+                kinds.append([[repr(c) for c in choices].index(repr(a)) for a in own])
+    return template, names, torch.tensor(kinds, dtype=torch.long).reshape(len(kinds), len(models)).T
+
+
+class StackedModels:
+    """The members' models stacked for one vmapped step. Build a new one when the members change."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        self.models = list(models)
+        self.feed = _Feed()
+        self.template, self.dropout_names, kinds = _template(self.models, self.feed)
+        self.kinds = kinds.to(next(self.models[0].parameters()).device)
+        self.params = _stack([dict(m.named_parameters()) for m in self.models], grad=True)
+        self.buffers = _stack([dict(m.named_buffers()) for m in self.models], grad=False)
+        self.rates = [{n: m.get_submodule(n).p for n in self.dropout_names} for m in self.models]
+        self._calls: dict[tuple[int, ...], list[tuple[str, tuple[int, ...]]]] = {}
+
+    def forward(self, x: torch.Tensor, generators: Sequence[torch.Generator],
+                buffers: dict[str, torch.Tensor] | None = None, batched_input: bool = True) -> torch.Tensor:
+        """Logits [N, B, classes] of the members' inputs x [N, B, ...], or of one input x [B, ...] they all
+        take (batched_input=False: each convolution then runs as one wider one); dropout drawn from each
+        member's generator. buffers: others than the members' (a trial forward that leaves no statistics)."""
+        one_input = x if not batched_input else x[0]
+        masks = self._masks(one_input, generators) if self.template.training else ()
+
+        def one(params: dict, buffers: dict, inputs: torch.Tensor, member_masks: tuple, kinds: torch.Tensor) -> torch.Tensor:
+            self.feed.masks, self.feed.kinds = iter(member_masks), kinds
+            try:
+                return functional_call(self.template, (params, buffers), (inputs,))
+            finally:
+                self.feed.masks = self.feed.kinds = None
+
+        return vmap(one, in_dims=(0, 0, 0 if batched_input else None, 0, 0), randomness="error")(
+            self.params, self.buffers if buffers is None else buffers, x, masks, self.kinds)
+
+    def check(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> None:
+        """One trial training forward on x [N, B, ...] that changes nothing: raises what vmap cannot run
+        (a user's model that draws random numbers itself, or calls .item())."""
+        copies = [torch.Generator(g.device) for g in generators]
+        for copy_, g in zip(copies, generators):
+            copy_.set_state(g.get_state())
+        self.template.train()
+        with torch.no_grad():
+            self.forward(x, copies, {k: v.clone() for k, v in self.buffers.items()})
+
+    def train(self) -> None:
+        self.template.train()
+
+    def grads_to_members(self) -> None:
+        """Each member's parameters get their rows of the stacked gradients (views, no copy)."""
+        for name, stacked in self.params.items():
+            for i, model in enumerate(self.models):
+                model.get_parameter(name).grad = None if stacked.grad is None else stacked.grad[i]
+
+    def zero_grad(self) -> None:
+        for stacked in self.params.values():
+            stacked.grad = None
+
+    def release(self) -> None:
+        """The members keep their values in storage of their own, so the stack can go."""
+        for model in self.models:
+            for tensor in (*model.parameters(), *model.buffers()):
+                tensor.data = tensor.data.clone()
+                if isinstance(tensor, nn.Parameter):
+                    tensor.grad = None
+
+    def _masks(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, ...]:
+        """One [N, ...] mask per dropout call, each member's drawn in its own forward's order, as F.dropout's;
+        x: one member's input [B, ...]."""
+        if not self.dropout_names:
+            return ()
+        per_member = [[_dropout_mask(shape, rates[name], x.device, generator) for name, shape in self._dropout_calls(x)]
+                      for rates, generator in zip(self.rates, generators)]
+        return tuple(torch.stack(call) for call in zip(*per_member))
+
+    def _dropout_calls(self, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
+        """The dropout calls of one forward, in order, with their input shapes, for one member's input x."""
+        key = tuple(x.shape)
+        if key not in self._calls:
+            self.feed.calls = []
+            try:
+                with torch.no_grad():
+                    one = {k: v[0] for k, v in self.params.items()}
+                    state = {k: v[0].clone() for k, v in self.buffers.items()}  # the trace leaves no statistics behind
+                    self.feed.kinds = self.kinds[0]
+                    functional_call(self.template, (one, state), (x,))
+                self._calls[key] = self.feed.calls
+            finally:
+                self.feed.calls = self.feed.kinds = None
+        return self._calls[key]
+
+def _dropout_mask(shape: tuple[int, ...], p: float, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """F.dropout's noise on the CPU, from the member's generator: p=0 and p=1 draw nothing, as there."""
+    if p == 0:
+        return torch.ones(shape, device=device)
+    if p == 1:
+        return torch.zeros(shape, device=device)
+    noise = torch.empty(shape, device=device).bernoulli_(1 - p, generator=generator)
+    return noise.div_(1 - p)
+
+
+def _stack(tensors: list[dict[str, torch.Tensor]], grad: bool) -> dict[str, torch.Tensor]:
+    """One [N, ...] tensor per name; each member's tensor becomes a view of its row."""
+    stacked = {}
+    for name in tensors[0]:
+        rows = torch.stack([t[name].detach() for t in tensors])
+        for i, member in enumerate(tensors):
+            member[name].data = rows[i]
+        stacked[name] = rows.requires_grad_() if grad else rows
+    return stacked

@@ -1,0 +1,164 @@
+"""One epoch of a fused group's steps, two ways over the same members:
+
+    vmap   one wide forward and backward for all members (stacked.py), then each member's own optimizer
+           and schedule step: what pays on a GPU, where small models are launch-bound
+    loop   each member's own step in turn, as its lone run takes it: on a CPU, where fusing measured slower
+           (benchmarks/results/fused_probe_cpu.md), the group still shares one process and its start-up
+
+Either way each member draws its batches, augmentation and dropout from its own generators, so it sees
+what its lone run sees; its losses and predictions are counted into its own EpochState.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.func import vmap
+
+from cnnlab.engine import EpochState, run_steps, update
+from cnnlab.fused.stacked import StackedModels
+from cnnlab.trainstate import TrainState
+
+
+@dataclass
+class Stepper:
+    """The members that step together this epoch, their epoch states and their dropout generators."""
+
+    states: Sequence[TrainState]
+    epochs: Sequence[EpochState]
+    generators: Sequence[torch.Generator]  # what the lone run's global RNG is to it: dropout draws
+    stop: Callable[[], bool]
+
+
+@contextlib.contextmanager
+def member_rng(generator: torch.Generator) -> Iterator[None]:
+    """The device's global RNG is the member's for a while: what a member's own code draws (dropout in its
+    step, the doctor) comes from the member's stream, and its checkpoint saves that stream as the lone run's."""
+    default = torch.default_generator if generator.device.type == "cpu" else \
+        torch.cuda.default_generators[generator.device.index or 0]
+    saved = default.get_state()
+    default.set_state(generator.get_state())
+    try:
+        yield
+    finally:
+        generator.set_state(default.get_state())
+        default.set_state(saved)
+
+
+def loop_epoch(step: Stepper) -> None:
+    """Each member's epoch in turn, with its own steps as alone (one model's weights stay in cache while it
+    steps). After a signal the members not yet begun keep their epoch at its start, checkpointed there."""
+    for s, state, generator in zip(step.states, step.epochs, step.generators):
+        if step.stop():
+            break
+        with member_rng(generator):
+            run_steps(s.step_model, s.batches, s.ctx, s.optimizer, s.scheduler, state, None, step.stop,
+                      s.run.trainer.grad_clip)
+
+
+def vmap_epoch(step: Stepper, stacked: StackedModels) -> None:
+    """One fused forward and backward per batch for all members; each member's optimizer steps its own rows.
+    Members that draw the same batches (one dataset, one seed, one position) draw them once; losses and
+    counters are batched over the members: a step's Python and kernel launches hardly grow with N."""
+    stacked.train()
+    ctx = step.states[0].ctx  # members share device and precision: the group's rule
+    streams = _streams(step)
+    losses_of = _Losses(step.states, ctx.device)
+    sums = _together(step.epochs)
+    try:
+        for draws in zip(*(step.states[j].batches.take(step.epochs[j].order, step.epochs[j].step) for j in streams.leaders)):
+            x, y = streams.inputs(step, draws)
+            with ctx.autocast():
+                logits = stacked.forward(x, step.generators, batched_input=streams.batched)
+                losses = losses_of(logits, y, streams.batched)
+            stacked.zero_grad()
+            losses.sum().backward()  # each member's gradient is its own loss's: the others' do not reach it
+            stacked.grads_to_members()
+            for s in step.states:
+                update(s.model.parameters(), s.optimizer, s.scheduler, s.run.trainer.grad_clip)
+            sums.count(losses, logits, y)
+            if step.stop():
+                break
+    finally:
+        _apart(sums, step.epochs)
+        streams.share_generators(step)
+
+
+@dataclass
+class _Streams:
+    """Which members draw their own batches (leaders) and whose draws each member takes. Members on one
+    dataset whose generators stand alike draw alike; their generators are brought level after the epoch."""
+
+    leaders: list[int]
+    of_member: list[int]  # the index, in leaders, of the stream each member takes
+
+    @property
+    def batched(self) -> bool:
+        return len(self.leaders) > 1
+
+    def inputs(self, step: Stepper, draws: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The members' inputs and labels: one batch for all ([B, ...]), or one per member ([N, B, ...])."""
+        xs = [step.states[j].ctx.inputs(images, train=True) for j, (images, _) in zip(self.leaders, draws)]
+        if not self.batched:
+            return xs[0], draws[0][1]
+        pick = torch.tensor(self.of_member, device=xs[0].device)
+        return torch.stack(xs)[pick], torch.stack([labels for _, labels in draws])[pick]
+
+    def share_generators(self, step: Stepper) -> None:
+        for member, stream in enumerate(self.of_member):
+            leader = self.leaders[stream]
+            if member != leader:
+                step.states[member].generator.set_state(step.states[leader].generator.get_state())
+
+
+def _streams(step: Stepper) -> _Streams:
+    leaders: list[int] = []
+    of_member = []
+    for i, (s, e) in enumerate(zip(step.states, step.epochs)):
+        same = [k for k, j in enumerate(leaders) if _draws_alike(s, e, step.states[j], step.epochs[j])]
+        of_member.append(same[0] if same else len(leaders))
+        if not same:
+            leaders.append(i)
+    return _Streams(leaders, of_member)
+
+
+def _draws_alike(a: TrainState, ea: EpochState, b: TrainState, eb: EpochState) -> bool:
+    orders = (ea.order is None and eb.order is None) or (
+        ea.order is not None and eb.order is not None and torch.equal(ea.order, eb.order))
+    return (a.data is b.data and ea.step == eb.step and orders
+            and torch.equal(a.generator.get_state(), b.generator.get_state()))
+
+
+class _Losses:
+    """Each member's own loss, one vmapped call per distinct loss config: [N] losses in member order."""
+
+    def __init__(self, states: Sequence[TrainState], device: torch.device) -> None:
+        groups: dict[str, list[int]] = {}
+        for i, s in enumerate(states):
+            groups.setdefault(repr(s.run.loss), []).append(i)
+        self.groups = [(states[idx[0]].ctx.loss_fn, idx) for idx in groups.values()]
+        order = [i for _, idx in self.groups for i in idx]
+        self.inverse = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=device)
+        self.index = [torch.tensor(idx, device=device) for _, idx in self.groups]
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, batched: bool) -> torch.Tensor:
+        if len(self.groups) == 1:
+            return vmap(self.groups[0][0], in_dims=(0, 0 if batched else None))(logits, y)
+        parts = [vmap(fn, in_dims=(0, 0 if batched else None))(logits[idx], y[idx] if batched else y)
+                 for (fn, _), idx in zip(self.groups, self.index)]
+        return torch.cat(parts)[self.inverse]
+
+
+def _together(epochs: Sequence[EpochState]) -> EpochState:
+    """The members' epoch states as one, its sums [N] tensors (a part's members stand at one position)."""
+    first = epochs[0]
+    return EpochState(None, first.lr, torch.stack([e.loss_sum for e in epochs]), torch.stack([e.correct for e in epochs]),
+                      torch.stack([e.first_nonfinite for e in epochs]), first.step, first.seen)
+
+
+def _apart(together: EpochState, epochs: Sequence[EpochState]) -> None:
+    for i, e in enumerate(epochs):
+        e.loss_sum, e.correct = together.loss_sum[i].clone(), together.correct[i].clone()
+        e.first_nonfinite, e.step, e.seen = together.first_nonfinite[i].clone(), together.step, together.seen

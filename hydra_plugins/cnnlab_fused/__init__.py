@@ -1,0 +1,1 @@
+"""cnnlab's Hydra plugins: `hydra/launcher=fused` (fused sweeps, cnnlab/fused/)."""
