@@ -130,9 +130,10 @@ def _resnet_rows(a: argparse.Namespace) -> list[str]:
         peak = f"{speed * flops * 3 / (a.peak_tflops * 1e12):.1%}" if a.peak_tflops and flops else "n/a"
         rows.append(f"| {name} | {sum(s['status'] == 'completed' for s in runs)} of {len(runs)} | {r['seconds']:.1f} s | "
                     f"{speed:,.0f} | {peak} |")
+    peak = f"as a fraction of {a.peak_tflops:g} TFLOP/s" if a.peak_tflops else "(no --peak-tflops given)"
     return [f"A 4-run ResNet-18 group (trainer.seed=0..3), 1 epoch of {a.resnet_train_size} images at batch "
             f"{a.resnet_batch}{', bf16' if a.device == 'cuda' else ''}; training images/s over all runs, and the "
-            f"training FLOP/s (3 x forward) as a fraction of {a.peak_tflops or 'n/a'} TFLOP/s:", "",
+            f"training FLOP/s (3 x forward) {peak}:", "",
             "| sweep | runs completed | wall time | training images/s | of bf16 peak |", "|---|---|---:|---:|---:|", *rows]
 
 

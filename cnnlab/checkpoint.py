@@ -134,10 +134,22 @@ def checksum(state: dict[str, Any]) -> int:
 def save_checkpoint(path: Path, **state: Any) -> None:
     """Save model/optimizer/scheduler state dicts, counters, RNG states and config atomically, with
     the checksum of their tensors."""
-    state = {"format_version": FORMAT_VERSION, **state}
+    state = {"format_version": FORMAT_VERSION, **_own_storage(state)}
     buffer = io.BytesIO()
     torch.save({**state, "checksum": checksum(state)}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def _own_storage(obj: Any) -> Any:
+    """Tensors that view a larger storage copied out: torch.save writes a tensor's whole storage, and a
+    fused group's member holds its weights as rows of the group's stacked tensors (fused/stacked.py)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone() if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size() else obj
+    if isinstance(obj, dict):
+        return {k: _own_storage(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_own_storage(v) for v in obj)
+    return obj
 
 
 def _refused(path: Path, why: str) -> ConfigError:

@@ -46,8 +46,9 @@ def run_job(cfg: DictConfig) -> Summary | None:
     group = fused_session()
     if group is not None and group.training:  # the fused launcher's second pass: the group trains, once
         summary = group.result(hydra_cfg.job.num)
-        if summary is not None:
-            log.info("%s", console_table(summary, run_dir))
+        if summary is None or summary.status == "failed":
+            return None  # as a sweep's job that fails: recorded in its summary.json
+        log.info("%s", console_table(summary, run_dir))
         return summary
     world = distributed.world_from_env()
     if not world.is_main:  # rank 0 speaks for the run; the others only warn

@@ -13,6 +13,21 @@ from omegaconf import DictConfig
 from cnnlab.config import config_dir
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+# a user's model (fragile.Fragile, written to a test's directory) that raises in training when fragile=1
+FRAGILE = '''
+import torch
+from torch import nn
+
+class Fragile(nn.Module):
+    """Breaks in training when fragile=1: a trial that raises."""
+    def __init__(self, in_channels: int, num_classes: int, fragile: int = 0) -> None:
+        super().__init__()
+        self.fragile, self.head = fragile, nn.Linear(in_channels * 16 * 16, num_classes)
+    def forward(self, x):
+        if self.fragile and self.training:
+            raise RuntimeError("the fragile model broke")
+        return self.head(x.flatten(1))
+'''
 
 
 def run_cnnlab(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

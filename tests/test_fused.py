@@ -5,6 +5,7 @@ The group tests open members in this process with the code the launcher uses (fu
 compare them with fit() of the same configs; the launcher's tests run the real command line."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -14,15 +15,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from torch import nn
 
+from cnnlab.checkpoint import load_checkpoint
 from cnnlab.config import validate
 from cnnlab.distributed import world_from_env
+from cnnlab import fit as fit_module
 from cnnlab.fit import fit
 from cnnlab.fused.group import open_member, train_group
+from cnnlab.fused.stacked import StackedModels
 from cnnlab.interrupt import GracefulStop
 from cnnlab.record import RunRecord
 
-from conftest import FASHION_MNIST_SYSTEM_DIR, compose_config, run_cnnlab
+from conftest import FASHION_MNIST_SYSTEM_DIR, FRAGILE, compose_config, run_cnnlab
 from test_sweeps import WRAPPER
 
 DATA = ("dataset=fashion_mnist", f"dataset.root={FASHION_MNIST_SYSTEM_DIR}", "dataset.download=false",
@@ -97,6 +103,9 @@ def test_vmapped_every_member_matches_its_lone_run_to_float_tolerance(tmp_path: 
     for name, run_dir in fused.items():
         assert abs(summary(run_dir)["test_acc"] - summary(alone[name])["test_acc"]) <= 1e-3
         assert summary(run_dir)["fused_group"]["mode"] == "vmap"
+        # a member's weights are rows of the group's stacked tensors; its checkpoint holds its own alone
+        weights = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+        assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in weights.values())
 
 
 def test_a_diverging_member_is_masked_and_the_others_go_on_untouched(tmp_path: Path) -> None:
@@ -116,6 +125,24 @@ def test_a_diverging_member_is_masked_and_the_others_go_on_untouched(tmp_path: P
         assert summary(fused[name])["test_acc"] == summary(without[name])["test_acc"]
 
 
+def test_a_member_that_fails_alone_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error in one member's own phase (here its epoch's end: say, its disk is full) is recorded for it;
+    the group goes on without it."""
+    end_epoch = fit_module.end_epoch
+
+    def breaks_for_one(state, epoch, epoch_state):
+        if state.run_dir.name == "broken" and epoch == 1:
+            raise OSError("no space left on device")
+        return end_epoch(state, epoch, epoch_state)
+
+    monkeypatch.setattr(fit_module, "end_epoch", breaks_for_one)
+    fused = train_together(tmp_path, {"fine": (), "broken": ("optimizer.lr=0.05",), "other": ("trainer.seed=1",)}, "vmap")
+    broken = summary(fused["broken"])
+    assert broken["status"] == "failed" and "no space left on device" in broken["error"]
+    assert [summary(fused[name])["status"] for name in ("fine", "other")] == ["completed", "completed"]
+    assert all(len(metrics(fused[name])) == 2 for name in ("fine", "other"))
+
+
 def test_the_doctor_examines_each_member_and_a_stuck_one_is_dropped(tmp_path: Path) -> None:
     """trainer.stop_when_stuck: the sigmoid + MSE member at a tiny lr is stuck at chance after epoch 1 and
     ends there, scored; the other member trains its 3 epochs."""
@@ -127,20 +154,46 @@ def test_the_doctor_examines_each_member_and_a_stuck_one_is_dropped(tmp_path: Pa
     assert fine["status"] == "completed" and fine["epochs_completed"] == 3 and not (fine.get("diagnosis") or {}).get("stuck")
 
 
+def small_net(activation: nn.Module, frozen: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), activation, nn.Linear(8, 3))
+    net[1].weight.requires_grad_(not frozen)
+    return net
+
+
+class FP32:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+def test_what_the_fused_model_cannot_follow_is_refused_so_the_group_steps_in_a_loop() -> None:
+    """The template follows the activations it knows per member; a user's own that differs between members,
+    or members of another structure, are caught before a step (group.py then trains them in a loop)."""
+    x = torch.randn(2, 4, 16)
+    StackedModels([small_net(nn.ReLU()), small_net(nn.Tanh())]).check(x, FP32())  # known: followed per member
+    with pytest.raises(ValueError, match="fused outputs differ from its own model's"):
+        StackedModels([small_net(nn.ELU()), small_net(nn.Mish())]).check(x, FP32())
+    with pytest.raises(ValueError, match="other parameters or buffers"):
+        StackedModels([small_net(nn.ReLU()), nn.Sequential(nn.Flatten(), nn.Linear(16, 3))])
+
+
+def test_a_frozen_parameter_stays_frozen_in_a_fused_step() -> None:
+    models = [small_net(nn.ReLU(), frozen=True) for _ in range(2)]
+    frozen = [m[1].weight.detach().clone() for m in models]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in models]
+    stacked = StackedModels(models)
+    stacked.train()
+    stacked.zero_grad()
+    stacked.forward(torch.randn(2, 4, 16), []).sum().backward()
+    stacked.grads_to_members()
+    for optimizer in optimizers:
+        optimizer.step()
+    assert all(torch.equal(m[1].weight, f) for m, f in zip(models, frozen)) and models[0][1].weight.grad is None
+    assert not torch.equal(models[0][3].weight, small_net(nn.ReLU())[3].weight)  # the rest trained
+
+
 SMOKE = ("+debug=smoke", "trainer.epochs=2")
 CONTRACT = ("model=custom", "model._target_=fragile.Fragile", "+model.fragile=0,1", "optimizer.lr=0.05,0.01")
-FRAGILE = '''
-from torch import nn
-class Fragile(nn.Module):
-    """Breaks in training when fragile=1: a job that raises."""
-    def __init__(self, in_channels: int, num_classes: int, fragile: int = 0) -> None:
-        super().__init__()
-        self.fragile, self.head = fragile, nn.Linear(in_channels * 16 * 16, num_classes)
-    def forward(self, x):
-        if self.fragile and self.training:
-            raise RuntimeError("the fragile model broke")
-        return self.head(x.flatten(1))
-'''
 
 
 def job_files(job: Path) -> set[str]:

@@ -26,7 +26,7 @@ from cnnlab.search.space import parse_space
 from cnnlab.search.study import Search
 from cnnlab.search.trial import open_study
 
-from conftest import run_cnnlab
+from conftest import FRAGILE, run_cnnlab
 from test_sweeps import WRAPPER
 
 
@@ -323,20 +323,6 @@ def test_pruning_reaches_trials_in_joblib_workers(tmp_path: Path) -> None:
                                                         for s in summaries)
 
 
-FRAGILE = '''
-import torch
-from torch import nn
-
-class Fragile(nn.Module):
-    """Breaks in training when fragile=1: a trial that raises."""
-    def __init__(self, in_channels: int, num_classes: int, fragile: int = 0) -> None:
-        super().__init__()
-        self.fragile, self.head = fragile, nn.Linear(in_channels * 16 * 16, num_classes)
-    def forward(self, x):
-        if self.fragile and self.training:
-            raise RuntimeError("the fragile model broke")
-        return self.head(x.flatten(1))
-'''
 
 
 def test_a_trial_that_raises_does_not_end_the_study(tmp_path: Path) -> None:

@@ -111,12 +111,14 @@ def _train_part(part: list[Member], mode: str, router: MemberLogs, everyone: lis
 
 def _stacked(members: list[Member]) -> StackedModels | None:
     """The members' models stacked for vmap, or None (each member steps in turn) where vmap cannot run them."""
-    stacked = StackedModels([m.state.model for m in members])
+    stacked = None
     try:
+        stacked = StackedModels([m.state.model for m in members])
         probe = torch.stack([m.state.ctx.inputs(m.state.probe.images, train=False) for m in members])  # no draws
-        stacked.check(probe, [m.generator for m in members])
+        stacked.check(probe, members[0].state.ctx)
     except Exception as err:  # noqa: BLE001 - whatever vmap refuses, the members still train, one step each
-        stacked.release()
+        if stacked is not None:
+            stacked.release()
         for m in members:
             m.state.record.built(fused_group={**(m.state.record.summary.fused_group or {}), "mode": "loop"})
         log.warning("this model cannot be fused with torch.func.vmap (%s: %s); the group's members step one after "
@@ -130,14 +132,14 @@ def _epoch(active: list[Member], epoch: int, mode: str, stacked: StackedModels |
     """One epoch of the active members; returns those that go on to the next."""
     epochs = [fit.begin_epoch(m.state) for m in active]
     stepper = Stepper([m.state for m in active], epochs, [m.generator for m in active], active[0].state.stopping)
-    tic = time.perf_counter()
     if stacked is not None:
+        tic = time.perf_counter()
         vmap_epoch(stepper, stacked)
+        seconds = [time.perf_counter() - tic] * len(active)  # the members' one step took the group's time
     else:
-        loop_epoch(stepper)
-    elapsed = time.perf_counter() - tic  # the group's wall time is each member's: its epoch took that long
+        seconds = loop_epoch(stepper)  # each its own epoch's time
     went_on = []
-    for m, state in zip(active, epochs):
+    for m, state, elapsed in zip(active, epochs, seconds):
         try:
             with router.about(everyone.index(m)), member_rng(m.generator):
                 fit.close_epoch(m.state, epoch, state, elapsed)

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from cnnlab.engine import StepContext
+
 
 class _Feed:
     """What one fused forward hands the template's layers: dropout masks in call order, activation kinds."""
@@ -105,6 +107,7 @@ class StackedModels:
 
     def __init__(self, models: Sequence[nn.Module]) -> None:
         self.models = list(models)
+        _check_alike(self.models)
         self.feed = _Feed()
         self.template, self.dropout_names, kinds = _template(self.models, self.feed)
         self.kinds = kinds.to(next(self.models[0].parameters()).device)
@@ -131,16 +134,27 @@ class StackedModels:
         return vmap(one, in_dims=(0, 0, 0 if batched_input else None, 0, 0), randomness="error")(
             self.params, self.buffers if buffers is None else buffers, x, masks, self.kinds)
 
-    def check(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> None:
-        """One trial training forward on x [N, B, ...] that changes nothing: raises what vmap cannot run
-        (a user's model that draws random numbers itself, or calls .item())."""
-        copies = [torch.Generator(g.device) for g in generators]
-        for copy_, g in zip(copies, generators):
-            copy_.set_state(g.get_state())
+    def check(self, x: torch.Tensor, ctx: StepContext) -> None:
+        """A trial forward and backward on x [N, B, ...] that changes nothing but raises what vmap cannot run
+        (a user's model that draws random numbers itself, or calls .item()), and a comparison with each
+        member's own model: a layer the template does not follow per member (a user's own activation that
+        differs between members) gives other outputs, and the group must not train that way."""
         self.template.train()
-        with torch.no_grad():
-            self.forward(x, copies, {k: v.clone() for k, v in self.buffers.items()})
-
+        with ctx.autocast():
+            out = self.forward(x, [torch.Generator(x.device) for _ in self.models],
+                               {k: v.clone() for k, v in self.buffers.items()})
+        out.float().sum().backward()
+        self.zero_grad()
+        self.template.eval()
+        # in full fp32 (cudnn's TF32 off): the two sides then differ by summation order alone
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            fused = self.forward(x, [])
+            for i, model in enumerate(self.models):
+                model.eval()
+                own = model(x[i])
+                if (fused[i] - own).abs().max() > 1e-3 * own.abs().max() + 1e-5:
+                    raise ValueError(f"member {i}'s fused outputs differ from its own model's: a layer differs "
+                                     f"between members in a way the fused model does not follow")
     def train(self) -> None:
         self.template.train()
 
@@ -151,8 +165,12 @@ class StackedModels:
                 model.get_parameter(name).grad = None if stacked.grad is None else stacked.grad[i]
 
     def zero_grad(self) -> None:
+        """Before a backward: the members' views of the last gradients go too, or they keep them alive."""
         for stacked in self.params.values():
             stacked.grad = None
+        for model in self.models:
+            for param in model.parameters():
+                param.grad = None
 
     def release(self) -> None:
         """The members keep their values in storage of their own, so the stack can go."""
@@ -198,11 +216,23 @@ def _dropout_mask(shape: tuple[int, ...], p: float, device: torch.device, genera
 
 
 def _stack(tensors: list[dict[str, torch.Tensor]], grad: bool) -> dict[str, torch.Tensor]:
-    """One [N, ...] tensor per name; each member's tensor becomes a view of its row."""
+    """One [N, ...] tensor per name; each member's tensor becomes a view of its row. A frozen parameter
+    (requires_grad=False) stays frozen: its stack gets no gradient, so no optimizer moves it."""
     stacked = {}
     for name in tensors[0]:
         rows = torch.stack([t[name].detach() for t in tensors])
         for i, member in enumerate(tensors):
             member[name].data = rows[i]
-        stacked[name] = rows.requires_grad_() if grad else rows
+        stacked[name] = rows.requires_grad_(grad and tensors[0][name].requires_grad)
     return stacked
+
+
+def _check_alike(models: Sequence[nn.Module]) -> None:
+    """The members must have one structure: the same parameters and buffers, of the same shapes."""
+    def layout(model: nn.Module) -> list[tuple[str, tuple[int, ...], bool]]:
+        return [(n, tuple(t.shape), t.requires_grad) for n, t in (*model.named_parameters(), *model.named_buffers())]
+
+    first = layout(models[0])
+    for i, model in enumerate(models[1:], 1):
+        if layout(model) != first:
+            raise ValueError(f"member {i} has other parameters or buffers than member 0: they cannot be stacked")

@@ -11,6 +11,7 @@ what its lone run sees; its losses and predictions are counted into its own Epoc
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -47,15 +48,19 @@ def member_rng(generator: torch.Generator) -> Iterator[None]:
         default.set_state(saved)
 
 
-def loop_epoch(step: Stepper) -> None:
+def loop_epoch(step: Stepper) -> list[float]:
     """Each member's epoch in turn, with its own steps as alone (one model's weights stay in cache while it
-    steps). After a signal the members not yet begun keep their epoch at its start, checkpointed there."""
+    steps); the seconds each took. After a signal the members not yet begun keep their epoch at its start,
+    checkpointed there."""
+    seconds = []
     for s, state, generator in zip(step.states, step.epochs, step.generators):
-        if step.stop():
-            break
-        with member_rng(generator):
-            run_steps(s.step_model, s.batches, s.ctx, s.optimizer, s.scheduler, state, None, step.stop,
-                      s.run.trainer.grad_clip)
+        tic = time.perf_counter()
+        if not step.stop():
+            with member_rng(generator):
+                run_steps(s.step_model, s.batches, s.ctx, s.optimizer, s.scheduler, state, None, step.stop,
+                          s.run.trainer.grad_clip)
+        seconds.append(time.perf_counter() - tic)
+    return seconds
 
 
 def vmap_epoch(step: Stepper, stacked: StackedModels) -> None:

@@ -1,0 +1,33 @@
+#!/bin/bash
+# The device check of fused sweeps (issue 17) on a lent GPU machine, from the repository root:
+#   the fused launcher's CUDA paths (LeNets differing in lr, activation and dropout vs their lone runs;
+#   a bf16 ResNet-20 group), then benchmarks/sweep.py at CIFAR size. Pure-Python wheels the machine lacks
+#   (hydra-core, omegaconf, antlr4, torchinfo, hydra-joblib-launcher) travel in .whl/ (see the device notes).
+#   Env: DEV (cuda), FUSE (auto), N (training images, 50000), LONG (epochs of the long fused run, 20),
+#   BENCH_S (time cap of the benchmark, s), OUT (where the tables go).
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+DEV=${DEV:-cuda}
+nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null
+python3 -c "import torch;print(torch.__version__, torch.cuda.is_available())"
+S=/tmp/smoke; rm -rf $S; mkdir -p $S
+G="-m +debug=smoke trainer.device=$DEV optimizer.lr=0.1,0.05 model.activation=relu,tanh model.dropout=0,0.3"
+python3 -m cnnlab $G hydra/launcher=fused hydra.launcher.fuse=${FUSE:-auto} hydra.sweep.dir=$S/fused > $S/fused.log 2>&1; echo "fused rc=$?"
+python3 -m cnnlab $G hydra.sweep.dir=$S/alone > $S/alone.log 2>&1; echo "alone rc=$?"
+python3 -m cnnlab -m +debug=smoke trainer.device=$DEV model=resnet20 trainer.precision=bf16 trainer.seed=0,1 hydra/launcher=fused hydra.launcher.fuse=${FUSE:-auto} hydra.sweep.dir=$S/resnet > $S/resnet.log 2>&1; echo "resnet rc=$?"
+python3 - <<'PY' || { tail -n 30 $S/*.log; exit 4; }
+import json, glob, os
+S = "/tmp/smoke"
+def runs(d): return {os.path.basename(os.path.dirname(p)): json.load(open(p)) for p in glob.glob(f"{S}/{d}/*/summary.json")}
+f, a, r = runs("fused"), runs("alone"), runs("resnet")
+print("fused", {k: (v["status"], v["device"], (v.get("fused_group") or {}).get("mode"), v.get("final_val_acc")) for k, v in f.items()})
+print("alone", {k: (v["status"], v.get("final_val_acc")) for k, v in a.items()})
+print("resnet", {k: (v["status"], v["precision"], (v.get("fused_group") or {}).get("mode")) for k, v in r.items()})
+assert len(f) == 8 and all(v["status"] == "completed" and v["fused_group"]["mode"] == "vmap" for v in f.values())
+assert len(r) == 2 and all(v["status"] == "completed" for v in r.values())
+print("max val acc diff fused vs alone", max(abs(f[k]["final_val_acc"] - a[k]["final_val_acc"]) for k in f))
+PY
+cp $S/fused/0_*/train.log $OUT/smoke_member_train.log 2>/dev/null
+timeout ${BENCH_S:-470} python3 -m benchmarks.sweep --device $DEV --train-size ${N:-50000} --test-size 10000 --epochs 3 \
+  --long-epochs ${LONG:-20} --jobs 4 --resnet-train-size ${N:-50000} --peak-tflops 989 --out $OUT --work /tmp/bw 2>&1 | tee $OUT/bench.log
