@@ -4,7 +4,7 @@
 #   a bf16 ResNet-20 group), then benchmarks/sweep.py at CIFAR size. Pure-Python wheels the machine lacks
 #   (hydra-core, omegaconf, antlr4, torchinfo, hydra-joblib-launcher) travel in .whl/ (see the device notes).
 #   Env: DEV (cuda), FUSE (auto), N (training images, 50000), LONG (epochs of the long fused run, 20),
-#   BENCH_S (time cap of the benchmark, s), OUT (where the tables go).
+#   BENCH_S (time cap of the benchmark, s), PARTS (benchmark tables, in order), OUT (where the tables go).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -30,4 +30,4 @@ print("max val acc diff fused vs alone", max(abs(f[k]["final_val_acc"] - a[k]["f
 PY
 cp $S/fused/0_*/train.log $OUT/smoke_member_train.log 2>/dev/null
 timeout ${BENCH_S:-470} python3 -m benchmarks.sweep --device $DEV --train-size ${N:-50000} --test-size 10000 --epochs 3 \
-  --long-epochs ${LONG:-20} --jobs 4 --resnet-train-size ${N:-50000} --peak-tflops 989 --out $OUT --work /tmp/bw 2>&1 | tee $OUT/bench.log
+  --long-epochs ${LONG:-20} --jobs 4 --resnet-train-size ${N:-50000} --peak-tflops 989 --parts ${PARTS:-long,resnet,grid} --out $OUT --work /tmp/bw 2>&1 | tee $OUT/bench.log

@@ -98,3 +98,20 @@ def test_compile_flag_trains_a_run_with_eager_checkpoints(tmp_path: Path) -> Non
     weights = load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"]
     assert not any(key.startswith("_orig_mod") for key in weights)  # loads into the plain model
     assert summary["test_acc"] > 0.15  # it learned something: 10 classes, chance is 0.1
+
+
+def test_sweep_benchmark_times_a_sweep_and_tables_it_against_one_by_one(tmp_path: Path) -> None:
+    """benchmarks/sweep.py's pieces on two tiny sweeps: each a real command, its runs read back, the table
+    comparing them (wall time ratio, agreement of the results) and the fused group's throughput."""
+    from benchmarks.sweep import sweep, table, throughput
+
+    jobs = ["+debug=smoke", "trainer.epochs=1", "optimizer.lr=0.1,0.05"]
+    alone = sweep("one by one", jobs, tmp_path, timeout=300)
+    fused = sweep("fused", [*jobs, "hydra/launcher=fused"], tmp_path, timeout=300)
+    assert alone["error"] is None and fused["error"] is None and len(fused["runs"]) == 2
+    assert all(r["fused_group"]["jobs"] == [0, 1] for r in fused["runs"].values())
+    rows = table([alone, fused], alone)
+    assert rows[2].startswith("| one by one | 2 of 2 |") and "| 1.00x | - |" in rows[2]
+    assert rows[3].startswith("| fused | 2 of 2 |") and rows[3].endswith("| 0.0000 |")  # loop on the CPU: equal results
+    images = sum(r["train_size"] for r in fused["runs"].values())  # 1 epoch each; in a loop each its own time
+    assert throughput(fused) == pytest.approx(images / sum(r["train_seconds"] for r in fused["runs"].values()))

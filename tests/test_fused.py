@@ -229,11 +229,21 @@ def test_a_fused_sweep_writes_what_the_basic_launcher_writes(tmp_path: Path) -> 
     assert "fused launcher: group 2 of 2" in done["fused"].stderr + done["fused"].stdout
 
 
+@pytest.fixture(scope="module")
+def smoke_alone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The resume test's three jobs, never stopped, one by one (the basic launcher): its job dirs by name."""
+    root = tmp_path_factory.mktemp("smoke_alone")
+    done = run_cnnlab("-m", *SMOKE, "optimizer.lr=0.1,0.05,0.01", f"hydra.sweep.dir={root / 'sweep'}", cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "sweep"
+
+
 # test_sweeps' wrapper sends SIGTERM at the Nth training batch drawn. auto on the CPU is loop, bitwise
 # alone: members train their epochs in turn (7 batches each), so batch 30 is member 1's 2nd of epoch 2.
 # vmap: members with one seed draw one batch per step for all, so batch 10 is step 3 of epoch 2.
 @pytest.mark.parametrize("fuse, rtol, at", [("auto", 0, 30), ("vmap", 1e-4, 10)])
-def test_a_stopped_fused_sweep_resumes_every_member(tmp_path: Path, fuse: str, rtol: float, at: int) -> None:
+def test_a_stopped_fused_sweep_resumes_every_member(tmp_path: Path, smoke_alone: Path, fuse: str, rtol: float,
+                                                    at: int) -> None:
     """SIGTERM in the middle of epoch 2 checkpoints every member; one member is resumed alone from its
     checkpoint, and the same command finishes the rest. Each ends as it would never stopped (alone)."""
     sweep = tmp_path / "sweep"
@@ -254,11 +264,8 @@ def test_a_stopped_fused_sweep_resumes_every_member(tmp_path: Path, fuse: str, r
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{jobs[1].name}: completed in an earlier run of this sweep; kept as it is" in again.stdout
     for job in jobs:
-        lr = summary(job)["config"]["optimizer"]["lr"]
-        lone = run_cnnlab(*SMOKE, f"optimizer.lr={lr}", f"hydra.run.dir={tmp_path / 'alone' / job.name}", cwd=tmp_path)
-        assert lone.returncode == 0, lone.stderr[-3000:]
         assert summary(job)["status"] == "completed" and len(summary(job)["resumes"]) >= 1
-        pd.testing.assert_frame_equal(metrics(job)[["epoch", *CURVES]], metrics(tmp_path / "alone" / job.name)[["epoch", *CURVES]],
+        pd.testing.assert_frame_equal(metrics(job)[["epoch", *CURVES]], metrics(smoke_alone / job.name)[["epoch", *CURVES]],
                                       check_exact=not rtol, rtol=rtol or 1e-5)
 
 

@@ -95,7 +95,7 @@ def _train_part(part: list[Member], mode: str, router: MemberLogs, everyone: lis
     for epoch in range(part[0].state.done + 1, epochs + 1):
         if not active:
             break
-        went_on = _epoch(active, epoch, mode, stacked, router, everyone, stopped)
+        went_on = _epoch(active, epoch, stacked, router, everyone, stopped)
         if len(went_on) != len(active) and stacked is not None:
             stacked.release()  # each member's tensors its own again; the group goes on without those that ended
             stacked = _stacked(went_on) if went_on else None
@@ -127,7 +127,7 @@ def _stacked(members: list[Member]) -> StackedModels | None:
     return stacked
 
 
-def _epoch(active: list[Member], epoch: int, mode: str, stacked: StackedModels | None, router: MemberLogs,
+def _epoch(active: list[Member], epoch: int, stacked: StackedModels | None, router: MemberLogs,
            everyone: list[Member], stopped: list[Interrupted]) -> list[Member]:
     """One epoch of the active members; returns those that go on to the next."""
     epochs = [fit.begin_epoch(m.state) for m in active]
