@@ -42,10 +42,6 @@ class Member:
     closer: contextlib.ExitStack
     summary: Summary | None = None
 
-    @property
-    def run_dir(self) -> Path:
-        return self.state.run_dir
-
     def close(self, err: BaseException | None = None) -> None:
         """The member's run ends: its record (failed, if err is a failure), trackers and directory lock."""
         self.closer.__exit__(type(err) if err else None, err, err.__traceback__ if err else None)

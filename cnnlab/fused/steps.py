@@ -98,6 +98,7 @@ class _Streams:
 
     leaders: list[int]
     of_member: list[int]  # the index, in leaders, of the stream each member takes
+    pick: torch.Tensor  # of_member on the device, made once: not an upload every step
 
     @property
     def batched(self) -> bool:
@@ -108,8 +109,7 @@ class _Streams:
         xs = [step.states[j].ctx.inputs(images, train=True) for j, (images, _) in zip(self.leaders, draws)]
         if not self.batched:
             return xs[0], draws[0][1]
-        pick = torch.tensor(self.of_member, device=xs[0].device)
-        return torch.stack(xs)[pick], torch.stack([labels for _, labels in draws])[pick]
+        return torch.stack(xs)[self.pick], torch.stack([labels for _, labels in draws])[self.pick]
 
     def share_generators(self, step: Stepper) -> None:
         for member, stream in enumerate(self.of_member):
@@ -126,7 +126,7 @@ def _streams(step: Stepper) -> _Streams:
         of_member.append(same[0] if same else len(leaders))
         if not same:
             leaders.append(i)
-    return _Streams(leaders, of_member)
+    return _Streams(leaders, of_member, torch.tensor(of_member, device=step.states[0].device))
 
 
 def _draws_alike(a: TrainState, ea: EpochState, b: TrainState, eb: EpochState) -> bool:
