@@ -1,7 +1,8 @@
 #!/bin/bash
 # The device check of fused sweeps (issue 17) on a lent GPU machine, from the repository root:
 #   the fused launcher's CUDA paths (LeNets differing in lr, activation and dropout vs their lone runs;
-#   a bf16 ResNet-20 group), then benchmarks/sweep.py at CIFAR size. Pure-Python wheels the machine lacks
+#   a bf16 ResNet-20 group), one fused step's time and ops (benchmarks/fused_step.py), then benchmarks/sweep.py
+#   at CIFAR size. Pure-Python wheels the machine lacks
 #   (hydra-core, omegaconf, antlr4, torchinfo, hydra-joblib-launcher) travel in .whl/ (see the device notes).
 #   Env: DEV (cuda), FUSE (auto), N (training images, 50000), LONG (epochs of the long fused run, 20),
 #   BENCH_S (time cap of the benchmark, s), PARTS (benchmark tables, in order), OUT (where the tables go).
@@ -29,5 +30,6 @@ assert len(r) == 2 and all(v["status"] == "completed" for v in r.values())
 print("max val acc diff fused vs alone", max(abs(f[k]["final_val_acc"] - a[k]["final_val_acc"]) for k in f))
 PY
 cp $S/fused/0_*/train.log $OUT/smoke_member_train.log 2>/dev/null
+for o in sgd adam; do python3 -m benchmarks.fused_step --device $DEV --optimizer $o --steps 50; done 2>&1 | tee $OUT/fused_step.txt
 timeout ${BENCH_S:-470} python3 -m benchmarks.sweep --device $DEV --train-size ${N:-50000} --test-size 10000 --epochs 3 \
   --long-epochs ${LONG:-20} --jobs 4 --resnet-train-size ${N:-50000} --peak-tflops 989 --parts ${PARTS:-long,resnet,grid} --out $OUT --work /tmp/bw 2>&1 | tee $OUT/bench.log

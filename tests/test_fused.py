@@ -184,8 +184,7 @@ def test_a_frozen_parameter_stays_frozen_in_a_fused_step() -> None:
     stacked = StackedModels(models)
     stacked.train()
     stacked.zero_grad()
-    stacked.forward(torch.randn(2, 4, 16), []).sum().backward()
-    stacked.grads_to_members()
+    stacked.flat.backward(stacked.forward(torch.randn(2, 4, 16), []).sum())
     for optimizer in optimizers:
         optimizer.step()
     assert all(torch.equal(m[1].weight, f) for m, f in zip(models, frozen)) and models[0][1].weight.grad is None

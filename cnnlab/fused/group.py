@@ -21,6 +21,7 @@ from cnnlab import fit
 from cnnlab.config import RunConfig
 from cnnlab.distributed import World
 from cnnlab.fused.logs import MemberLogs, job_log_files, routed
+from cnnlab.fused.optim import Updates, member_updates
 from cnnlab.fused.stacked import StackedModels
 from cnnlab.fused.steps import Stepper, loop_epoch, member_rng, vmap_epoch
 from cnnlab.interrupt import GracefulStop, Interrupted
@@ -87,31 +88,45 @@ def train_group(members: list[Member], mode: str, describe: dict[str, Any]) -> N
 def _train_part(part: list[Member], mode: str, router: MemberLogs, everyone: list[Member],
                 stopped: list[Interrupted]) -> None:
     active, epochs = list(part), part[0].state.run.trainer.epochs
-    stacked = _stacked(active) if mode == "vmap" else None
+    fused = _fused(active) if mode == "vmap" else None
     for epoch in range(part[0].state.done + 1, epochs + 1):
         if not active:
             break
-        went_on = _epoch(active, epoch, stacked, router, everyone, stopped)
-        if len(went_on) != len(active) and stacked is not None:
-            stacked.release()  # each member's tensors its own again; the group goes on without those that ended
-            stacked = _stacked(went_on) if went_on else None
+        went_on = _epoch(active, epoch, fused, router, everyone, stopped)
+        if len(went_on) != len(active) and fused is not None:
+            fused.release()  # each member's tensors its own again; the group goes on without those that ended
+            fused = _fused(went_on) if went_on else None
         for m in active:
             if m not in went_on and m.summary is None:  # ended (diverged, stuck, pruned), not failed or stopped
                 _end(m, router, everyone)
         active = went_on
-    if stacked is not None:
-        stacked.release()
+    if fused is not None:
+        fused.release()
     for m in active:
         _end(m, router, everyone)
 
 
-def _stacked(members: list[Member]) -> StackedModels | None:
-    """The members' models stacked for vmap, or None (each member steps in turn) where vmap cannot run them."""
+@dataclass
+class Fused:
+    """A part's members as one model and one optimizer step."""
+
+    stacked: StackedModels
+    updates: Updates
+
+    def release(self) -> None:
+        self.updates.release()
+        self.stacked.release()
+
+
+def _fused(members: list[Member]) -> Fused | None:
+    """The members' models stacked for vmap with their optimizers fused, or None (each member steps in
+    turn) where vmap cannot run them."""
     stacked = None
     try:
         stacked = StackedModels([m.state.model for m in members])
         probe = torch.stack([m.state.ctx.inputs(m.state.probe.images, train=False) for m in members])  # no draws
         stacked.check(probe, members[0].state.ctx)
+        return Fused(stacked, member_updates(stacked.flat, [m.state for m in members], stacked.unused))
     except Exception as err:  # noqa: BLE001 - whatever vmap refuses, the members still train, one step each
         if stacked is not None:
             stacked.release()
@@ -120,17 +135,16 @@ def _stacked(members: list[Member]) -> StackedModels | None:
         log.warning("this model cannot be fused with torch.func.vmap (%s: %s); the group's members step one after "
                     "another instead (hydra.launcher.fuse=loop)", type(err).__name__, str(err).splitlines()[0][:300])
         return None
-    return stacked
 
 
-def _epoch(active: list[Member], epoch: int, stacked: StackedModels | None, router: MemberLogs,
+def _epoch(active: list[Member], epoch: int, fused: Fused | None, router: MemberLogs,
            everyone: list[Member], stopped: list[Interrupted]) -> list[Member]:
     """One epoch of the active members; returns those that go on to the next."""
     epochs = [fit.begin_epoch(m.state) for m in active]
     stepper = Stepper([m.state for m in active], epochs, [m.generator for m in active], active[0].state.stopping)
-    if stacked is not None:
+    if fused is not None:
         tic = time.perf_counter()
-        vmap_epoch(stepper, stacked)
+        vmap_epoch(stepper, fused.stacked, fused.updates)
         seconds = [time.perf_counter() - tic] * len(active)  # the members' one step took the group's time
     else:
         seconds = loop_epoch(stepper)  # each its own epoch's time

@@ -27,6 +27,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from cnnlab.engine import StepContext
+from cnnlab.fused.flat import FlatParams
 
 
 class _Feed:
@@ -111,10 +112,14 @@ class StackedModels:
         self.feed = _Feed()
         self.template, self.dropout_names, kinds = _template(self.models, self.feed)
         self.kinds = kinds.to(next(self.models[0].parameters()).device)
-        self.params = _stack([dict(m.named_parameters()) for m in self.models], grad=True)
-        self.buffers = _stack([dict(m.named_buffers()) for m in self.models], grad=False)
+        named = [dict(m.named_parameters()) for m in self.models]
+        self.flat = FlatParams([{n: p for n, p in d.items() if p.requires_grad} for d in named])
+        frozen = _stack([{n: p for n, p in d.items() if not p.requires_grad} for d in named])
+        self.params = {n: self.flat.stacked.get(n, frozen.get(n)) for n in named[0]}
+        self.buffers = _stack([dict(m.named_buffers()) for m in self.models])
         self.rates = [{n: m.get_submodule(n).p for n in self.dropout_names} for m in self.models]
         self._calls: dict[tuple[int, ...], list[tuple[str, tuple[int, ...]]]] = {}
+        self.unused: list[str] = []  # trainable parameters the forward does not use (found by check)
 
     def forward(self, x: torch.Tensor, generators: Sequence[torch.Generator],
                 buffers: dict[str, torch.Tensor] | None = None, batched_input: bool = True) -> torch.Tensor:
@@ -143,8 +148,10 @@ class StackedModels:
         with ctx.autocast():
             out = self.forward(x, [torch.Generator(x.device) for _ in self.models],
                                {k: v.clone() for k, v in self.buffers.items()})
-        out.float().sum().backward()
-        self.zero_grad()
+        leaves = list(self.flat.stacked.values())
+        grads = torch.autograd.grad(out.float().sum(), leaves, allow_unused=True) if leaves else ()
+        # a parameter the forward never uses gets no gradient alone, so its optimizer skips it (optim.py)
+        self.unused = [name for name, grad in zip(self.flat.stacked, grads) if grad is None]
         self.template.eval()
         # in full fp32 (cudnn's TF32 off): the two sides then differ by summation order alone
         with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
@@ -155,22 +162,13 @@ class StackedModels:
                 if (fused[i] - own).abs().max() > 1e-3 * own.abs().max() + 1e-5:
                     raise ValueError(f"member {i}'s fused outputs differ from its own model's: a layer differs "
                                      f"between members in a way the fused model does not follow")
+
     def train(self) -> None:
         self.template.train()
 
-    def grads_to_members(self) -> None:
-        """Each member's parameters get their rows of the stacked gradients (views, no copy)."""
-        for name, stacked in self.params.items():
-            for i, model in enumerate(self.models):
-                model.get_parameter(name).grad = None if stacked.grad is None else stacked.grad[i]
-
     def zero_grad(self) -> None:
-        """Before a backward: the members' views of the last gradients go too, or they keep them alive."""
-        for stacked in self.params.values():
-            stacked.grad = None
-        for model in self.models:
-            for param in model.parameters():
-                param.grad = None
+        """Before a backward: the gradients are summed into the flat buffer, which the members' .grad view."""
+        self.flat.zero_grad()
 
     def release(self) -> None:
         """The members keep their values in storage of their own, so the stack can go."""
@@ -215,15 +213,15 @@ def _dropout_mask(shape: tuple[int, ...], p: float, device: torch.device, genera
     return noise.div_(1 - p)
 
 
-def _stack(tensors: list[dict[str, torch.Tensor]], grad: bool) -> dict[str, torch.Tensor]:
-    """One [N, ...] tensor per name; each member's tensor becomes a view of its row. A frozen parameter
-    (requires_grad=False) stays frozen: its stack gets no gradient, so no optimizer moves it."""
+def _stack(tensors: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One [N, ...] tensor per name, without gradient (buffers; frozen parameters, which so stay frozen);
+    each member's tensor becomes a view of its row."""
     stacked = {}
     for name in tensors[0]:
         rows = torch.stack([t[name].detach() for t in tensors])
         for i, member in enumerate(tensors):
             member[name].data = rows[i]
-        stacked[name] = rows.requires_grad_(grad and tensors[0][name].requires_grad)
+        stacked[name] = rows
     return stacked
 
 

@@ -1,7 +1,7 @@
 """One epoch of a fused group's steps, two ways over the same members:
 
-    vmap   one wide forward and backward for all members (stacked.py), then each member's own optimizer
-           and schedule step: what pays on a GPU, where small models are launch-bound
+    vmap   one wide forward and backward for all members (stacked.py), then one optimizer step for all
+           (optim.py): what pays on a GPU, where small models are launch-bound
     loop   each member's own step in turn, as its lone run takes it: on a CPU, where fusing measured slower
            (benchmarks/results/fused_probe_cpu.md), the group still shares one process and its start-up
 
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch.func import vmap
 
-from cnnlab.engine import EpochState, run_steps, update
+from cnnlab.engine import EpochState, run_steps
+from cnnlab.fused.optim import Updates
 from cnnlab.fused.stacked import StackedModels
 from cnnlab.trainstate import TrainState
 
@@ -63,8 +64,8 @@ def loop_epoch(step: Stepper) -> list[float]:
     return seconds
 
 
-def vmap_epoch(step: Stepper, stacked: StackedModels) -> None:
-    """One fused forward and backward per batch for all members; each member's optimizer steps its own rows.
+def vmap_epoch(step: Stepper, stacked: StackedModels, updates: Updates) -> None:
+    """One fused forward and backward per batch for all members, then one optimizer step for all (optim.py).
     Members that draw the same batches (one dataset, one seed, one position) draw them once; losses and
     counters are batched over the members: a step's Python and kernel launches hardly grow with N."""
     stacked.train()
@@ -79,10 +80,8 @@ def vmap_epoch(step: Stepper, stacked: StackedModels) -> None:
                 logits = stacked.forward(x, step.generators, batched_input=streams.batched)
                 losses = losses_of(logits, y, streams.batched)
             stacked.zero_grad()
-            losses.sum().backward()  # each member's gradient is its own loss's: the others' do not reach it
-            stacked.grads_to_members()
-            for s in step.states:
-                update(s.model.parameters(), s.optimizer, s.scheduler, s.run.trainer.grad_clip)
+            stacked.flat.backward(losses.sum())  # each member's gradient is its own loss's: the others' do not reach it
+            updates.step()
             sums.count(losses, logits, y)
             if step.stop():
                 break

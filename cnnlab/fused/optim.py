@@ -1,0 +1,235 @@
+"""What follows a fused group's backward: one optimizer step for all members, as HFTA fuses its optimizers.
+
+The members' parameters and gradients are one [N, D] buffer each (flat.py), so SGD and Adam/AdamW step
+every member and every parameter with a handful of whole-buffer ops. Each member's hyperparameters
+(lr as its schedule has it, momentum, betas, eps, weight decay, nesterov) are an [N, 1] column that
+broadcasts over the rows, made on the host and uploaded only when they change; gradient clipping
+(trainer.grad_clip) uses each member's own norm. The math is torch's own step's (torch/optim/sgd.py and
+adam.py, their multi-tensor paths), op for op, so a member steps as its lone run does up to rounding.
+
+Each member's optimizer keeps its state: its momentum buffers and Adam moments are rows of the fused
+buffers and its step counts entries of one tensor, so its checkpoint holds exactly what its own
+optimizer's would, and resumes alone. Its schedule steps as alone and sets the lr the next step reads.
+
+Other optimizers (RAdam, RMSprop, one with settings the rules here do not follow) step per member: each
+member's own optimizer on its rows, as before (MemberSteps).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+from cnnlab.engine import update
+from cnnlab.fused.flat import FlatParams
+from cnnlab.trainstate import TrainState
+
+
+class Updates(Protocol):
+    def step(self) -> None: ...
+    def release(self) -> None: ...
+
+
+def member_updates(flat: FlatParams, states: Sequence[TrainState], unused: Sequence[str] = ()) -> Updates:
+    """One fused step where every member's optimizer is an SGD or Adam(W) the rules here follow; else each
+    member's own step. unused: parameters the forward does not use; alone they get no gradient, so their
+    optimizer leaves them be (no weight decay, no momentum), which only the members' own steps follow."""
+    kind = type(states[0].optimizer)
+    rule = RULES.get(kind)
+    if rule is None or unused or not all(type(s.optimizer) is kind and _follows(s, flat) for s in states):
+        for s in states:
+            for name in unused:
+                s.model.get_parameter(name).grad = None
+        return MemberSteps(states)
+    return FusedSteps(flat, states, rule)
+
+
+class MemberSteps:
+    """Each member's own optimizer and schedule step, on the rows its parameters view."""
+
+    def __init__(self, states: Sequence[TrainState]) -> None:
+        self.states = states
+
+    def step(self) -> None:
+        for s in self.states:
+            update(s.model.parameters(), s.optimizer, s.scheduler, s.run.trainer.grad_clip)
+
+    def release(self) -> None:
+        pass
+
+
+class Columns:
+    """Per-member numbers as [N, 1] tensors on the device, made again only when the numbers change. On CUDA
+    they go up from pinned memory without blocking: a step never waits for the host."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.made: dict[str, tuple[list[float], torch.Tensor]] = {}
+
+    def __call__(self, key: str, numbers: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        made = self.made.get(key)
+        if made is None or made[0] != numbers:
+            column = torch.tensor(numbers, dtype=dtype).unsqueeze(1)
+            if self.device.type == "cuda":
+                column = column.pin_memory().to(self.device, non_blocking=True)
+            made = self.made[key] = (list(numbers), column.to(self.device))
+        return made[1]
+
+
+class FusedSteps:
+    """One optimizer step for all members over the flat buffers, then each member's schedule step."""
+
+    def __init__(self, flat: FlatParams, states: Sequence[TrainState], rule: type[Rule]) -> None:
+        self.flat, self.states = flat, states
+        self.optimizers = [s.optimizer for s in states]
+        self.columns = Columns(flat.values.device)
+        self.clip = states[0].run.trainer.grad_clip  # a trainer setting: the same for the whole group
+        members = [_named(s, flat) for s in states]
+        self.rule = rule(flat, [o.param_groups[0] for o in self.optimizers], [o.state for o in self.optimizers], members)
+        for o in self.optimizers:
+            o._opt_called = True  # noqa: SLF001 - the member's schedule checks its optimizer stepped, and it has
+
+    def step(self) -> None:
+        grads = self.flat.grads
+        if self.clip:  # torch.nn.utils.clip_grad_norm_, each member by its own norm
+            norms = grads.norm(dim=1, keepdim=True)
+            grads.mul_((self.clip / (norms + 1e-6)).clamp_(max=1.0))
+        lrs = [o.param_groups[0]["lr"] for o in self.optimizers]
+        with torch.no_grad():
+            self.rule.step(self.flat.values, grads, lrs, self.columns)
+        for s in self.states:
+            s.scheduler.step()
+
+    def release(self) -> None:
+        """The members' optimizer states in storage of their own, so the fused buffers can go."""
+        for o in self.optimizers:
+            for state in o.state.values():
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor):
+                        state[key] = value.clone()
+
+
+class Rule:
+    """One optimizer's math over the flat buffers, with the members' states as views of the rule's buffers.
+    groups: each member's one param group; states: each member's optimizer.state; members: each member's
+    parameters by name."""
+
+    def __init__(self, flat: FlatParams, groups: list[dict[str, Any]], states: list[dict], members: list[dict]) -> None:
+        self.flat, self.groups = flat, groups
+
+    def numbers(self, key: str) -> list[float]:
+        return [float(g[key]) for g in self.groups]
+
+    def buffer(self, key: str, states: list[dict], members: list[dict], own: Sequence[bool] | None = None) -> torch.Tensor:
+        """A zero buffer shaped like the parameters whose rows become members' state[key]: where a member has
+        that state already (a resumed run), its values are copied in first. own: which members keep it."""
+        buffer = torch.zeros_like(self.flat.values)
+        for i, (state, params) in enumerate(zip(states, members)):
+            if own is not None and not own[i]:
+                continue
+            for name, p in params.items():
+                row = self.flat.row(buffer, name, i)
+                if key in state.get(p, {}):
+                    row.copy_(state[p][key])
+                state.setdefault(p, {})[key] = row
+        return buffer
+
+    def step(self, values: torch.Tensor, grads: torch.Tensor, lrs: list[float], columns: Columns) -> None:
+        raise NotImplementedError
+
+
+class SGDRule(Rule):
+    """torch.optim.SGD (dampening 0): weight decay, momentum buffer, nesterov, then p -= lr * d."""
+
+    def __init__(self, flat: FlatParams, groups: list[dict[str, Any]], states: list[dict], members: list[dict]) -> None:
+        super().__init__(flat, groups, states, members)
+        self.decay, self.momentum = self.numbers("weight_decay"), self.numbers("momentum")
+        self.nesterov = self.numbers("nesterov")
+        # a member without momentum keeps no buffer, as alone; its row here is its gradient each step
+        own = [m != 0 for m in self.momentum]
+        self.buf = self.buffer("momentum_buffer", states, members, own) if any(own) else None
+
+    def step(self, values: torch.Tensor, grads: torch.Tensor, lrs: list[float], columns: Columns) -> None:
+        d = torch.addcmul(grads, values, columns("decay", self.decay)) if any(self.decay) else grads
+        if self.buf is not None:  # a first step's buffer is the gradient, here as 0 * m + g
+            momentum = columns("momentum", self.momentum)
+            self.buf.mul_(momentum).add_(d)
+            if all(self.nesterov):
+                d = torch.addcmul(d, self.buf, momentum)
+            elif any(self.nesterov):
+                d = torch.where(columns("nesterov", self.nesterov) > 0, torch.addcmul(d, self.buf, momentum), self.buf)
+            else:
+                d = self.buf
+        values.addcmul_(d, columns("-lr", [-lr for lr in lrs]))
+
+
+class AdamRule(Rule):
+    """torch.optim.Adam and AdamW (no amsgrad): moments, bias corrections from each member's step count, and
+    weight decay into the gradient (Adam) or onto the weights (AdamW)."""
+
+    def __init__(self, flat: FlatParams, groups: list[dict[str, Any]], states: list[dict], members: list[dict]) -> None:
+        super().__init__(flat, groups, states, members)
+        self.beta1, self.beta2 = [float(g["betas"][0]) for g in groups], [float(g["betas"][1]) for g in groups]
+        self.eps, self.decay = self.numbers("eps"), self.numbers("weight_decay")
+        self.decoupled = bool(groups[0].get("decoupled_weight_decay", False))
+        self.steps, self.t = self._steps(groups, states, members)
+        self.exp_avg = self.buffer("exp_avg", states, members)
+        self.exp_avg_sq = self.buffer("exp_avg_sq", states, members)
+
+    def _steps(self, groups: list[dict[str, Any]], states: list[dict], members: list[dict]) -> tuple[torch.Tensor, int]:
+        """Every member's step counts as entries of one [N, params] tensor, where its own optimizer keeps them
+        (on the device for a fused or capturable Adam, else on the CPU); and the count they share."""
+        on_device = groups[0].get("fused") or groups[0].get("capturable")
+        device = self.flat.values.device if on_device else torch.device("cpu")
+        steps = torch.zeros(len(members), len(self.flat.names), dtype=torch.float32, device=device)
+        for i, (state, params) in enumerate(zip(states, members)):
+            for k, (name, p) in enumerate(params.items()):
+                if "step" in state.get(p, {}):
+                    steps[i, k] = state[p]["step"]
+                state.setdefault(p, {})["step"] = steps[i, k]
+        counts = steps.unique().tolist()  # one read at build, none per step
+        if len(counts) > 1:
+            raise ValueError(f"the members stand at different Adam steps {counts}")
+        return steps, int(counts[0]) if counts else 0
+
+    def step(self, values: torch.Tensor, grads: torch.Tensor, lrs: list[float], columns: Columns) -> None:
+        self.t += 1
+        self.steps.add_(1)
+        g = grads
+        if any(self.decay) and self.decoupled:
+            values.mul_(columns("1-lr*wd", [1 - lr * wd for lr, wd in zip(lrs, self.decay)]))
+        elif any(self.decay):
+            g = torch.addcmul(grads, values, columns("decay", self.decay))
+        self.exp_avg.lerp_(g, columns("1-beta1", [1 - b for b in self.beta1]))
+        self.exp_avg_sq.mul_(columns("beta2", self.beta2)).addcmul_(g, g * columns("1-beta2", [1 - b for b in self.beta2]))
+        # in double on the host, as torch's step computes them from its step count
+        step_size = [-(lr / (1 - b ** self.t)) for lr, b in zip(lrs, self.beta1)]
+        correction = [(1 - b ** self.t) ** 0.5 for b in self.beta2]
+        denom = (self.exp_avg_sq.sqrt() / columns("sqrt(1-beta2^t)", correction)).add_(columns("eps", self.eps))
+        values.addcmul_(self.exp_avg / denom, columns("step size", step_size))
+
+
+RULES: dict[type[torch.optim.Optimizer], type[Rule]] = {
+    torch.optim.SGD: SGDRule,
+    torch.optim.Adam: AdamRule,
+    torch.optim.AdamW: AdamRule,
+}
+# group settings the rules assume (torch's defaults, and cnnlab's: it sets none of them)
+_PLAIN = {"dampening": 0, "maximize": False, "amsgrad": False, "differentiable": False}
+
+
+def _follows(state: TrainState, flat: FlatParams) -> bool:
+    """One param group, plain settings, and every trainable parameter of the member in it."""
+    if len(state.optimizer.param_groups) != 1:
+        return False
+    group = state.optimizer.param_groups[0]
+    plain = all(group.get(k, v) == v for k, v in _PLAIN.items())
+    return plain and not isinstance(group["lr"], torch.Tensor) and len(_named(state, flat)) == len(flat.names)
+
+
+def _named(state: TrainState, flat: FlatParams) -> dict[str, torch.Tensor]:
+    """The member's trainable parameters its optimizer holds, by name, in the flat order."""
+    held = {id(p) for p in state.optimizer.param_groups[0]["params"]}
+    named = dict(state.model.named_parameters())
+    return {name: named[name] for name in flat.names if id(named[name]) in held}
