@@ -81,7 +81,8 @@ def opened_run(run: RunConfig, run_dir: Path, overrides: list[str], record: RunR
                judge: EpochJudge | None, stop: GracefulStop, shared: dict[str, Any] | None = None) -> Iterator[TrainState]:
     """The run set up (and resumed) for its epochs, which the caller trains: fit(), or the fused launcher
     for each member of a group. A failure inside is recorded in summary.json; trackers close at the end.
-    shared: the loaded data of runs opened before, by dataset config and seed (a fused group loads it once)."""
+    shared: what runs opened before loaded: the datasets read (by config) and placed (by config and seed),
+    so a fused group reads its files once and places them once per seed."""
     configure_determinism(run.trainer.deterministic)
     if run.trainer.num_threads:
         torch.set_num_threads(run.trainer.num_threads)
@@ -121,10 +122,11 @@ def _setup(run: RunConfig, prep: Prepared, run_dir: Path, record: RunRecord, tra
         raise ConfigError(f"trainer.batch_size={t.batch_size} is the global batch and must divide evenly over the "
                           f"{world.size} processes of this torchrun; use a multiple of {world.size}")
     key = repr((run.dataset, t.seed, prep.device))  # the seed draws the validation split
-    if key not in shared:
-        loaded = load_dataset(run.dataset, seed=t.seed)
-        shared[key] = loaded, place_data(loaded, run.dataset.loader, run.dataset.num_workers, prep.device, world)
-    loaded, data = shared[key]
+    placed = shared.setdefault("placed", {})
+    if key not in placed:
+        loaded = load_dataset(run.dataset, seed=t.seed, read=shared.setdefault("read", {}))
+        placed[key] = loaded, place_data(loaded, run.dataset.loader, run.dataset.num_workers, prep.device, world)
+    loaded, data = placed[key]
     spec, device = loaded.spec, prep.device  # spec: the class names the files name
     log.info("data %s: %d train / %d val / %d test images, %d classes, %s%s", spec.name, len(loaded.train),
              len(loaded.val) if loaded.val else 0, len(loaded.test), spec.num_classes, data.loader,

@@ -487,6 +487,34 @@ def test_synthetic_seeded():
     assert not torch.equal(a.test.images, c.test.images)
 
 
+def test_runs_with_other_seeds_split_a_dataset_read_once(monkeypatch):
+    """A fused group's members with other seeds read the files once (load_dataset's read) and each gets
+    exactly the split its own load gives."""
+    from cnnlab.data import datasets
+    calls = []
+    real = datasets.entry
+
+    class Counted:  # the registry's entry, its reads counted
+        def __init__(self, name):
+            self.entry = real(name)
+
+        def __getattr__(self, key):
+            return getattr(self.entry, key)
+
+        def load(self, *args):
+            calls.append(self.entry)
+            return self.entry.load(*args)
+
+    monkeypatch.setattr(datasets, "entry", Counted)
+    read = {}
+    shared = [load_dataset(SyntheticConfig(), seed=s, read=read) for s in (0, 1)]
+    assert len(calls) == 1 and len(read) == 1
+    own = [load_dataset(SyntheticConfig(), seed=s) for s in (0, 1)]
+    for a, b in zip(shared, own):
+        assert torch.equal(a.train.images, b.train.images) and torch.equal(a.val.labels, b.val.labels)
+    assert not torch.equal(shared[0].val.labels, shared[1].val.labels)  # the seed draws the split
+
+
 def test_synthetic_is_learnable():
     """Nearest class mean from the training split classifies the test split far above chance."""
     b = load_dataset(SyntheticConfig(num_classes=10, noise=0.25), seed=0)

@@ -41,16 +41,23 @@ def spec_for(cfg: DatasetConfig) -> DatasetSpec:
     return entry(cfg.name).spec(cfg)
 
 
-def load_dataset(cfg: DatasetConfig, seed: int) -> DataBundle:
+def load_dataset(cfg: DatasetConfig, seed: int, read: dict[str, tuple[DatasetSpec, Loaded]] | None = None) -> DataBundle:
     """Load a whole dataset (image-file datasets: as FileSplits, decoded later); the subset and the
     val split are drawn with torch.Generators seeded by `seed`, so the same seed always gives the
-    same split."""
+    same split. read: datasets read before, by config, split here anew (a fused group's members with
+    other seeds read the files once)."""
     cfg = coerce(cfg)
     cfg.validate()
-    spec = spec_for(cfg)
-    loaded = entry(cfg.name).load(cfg, spec)
-    spec = _named(spec, loaded.classes, cfg)
-    _check(loaded, spec, cfg)
+    key = repr(cfg)
+    if read is not None and key in read:
+        spec, loaded = read[key]
+    else:
+        spec = spec_for(cfg)
+        loaded = entry(cfg.name).load(cfg, spec)
+        spec = _named(spec, loaded.classes, cfg)
+        _check(loaded, spec, cfg)
+        if read is not None:
+            read[key] = spec, loaded
     return _select(cfg, spec, loaded, seed)
 
 

@@ -75,6 +75,8 @@ def vmap_epoch(step: Stepper, stacked: StackedModels, updates: Updates) -> None:
     sums = _together(step.epochs)
     try:
         for draws in zip(*(step.states[j].batches.take(step.epochs[j].order, step.epochs[j].step) for j in streams.leaders)):
+            if step.stop():  # checked before a step: a part a signal finds not yet begun takes none
+                break
             x, y = streams.inputs(step, draws)
             with ctx.autocast():
                 logits = stacked.forward(x, step.generators, batched_input=streams.batched)
@@ -83,8 +85,6 @@ def vmap_epoch(step: Stepper, stacked: StackedModels, updates: Updates) -> None:
             stacked.flat.backward(losses.sum())  # each member's gradient is its own loss's: the others' do not reach it
             updates.step()
             sums.count(losses, logits, y)
-            if step.stop():
-                break
     finally:
         _apart(sums, step.epochs)
         streams.share_generators(step)
