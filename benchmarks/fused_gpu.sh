@@ -30,6 +30,7 @@ assert len(r) == 2 and all(v["status"] == "completed" for v in r.values())
 print("max val acc diff fused vs alone", max(abs(f[k]["final_val_acc"] - a[k]["final_val_acc"]) for k in f))
 PY
 cp $S/fused/0_*/train.log $OUT/smoke_member_train.log 2>/dev/null
-for o in sgd adam; do python3 -m benchmarks.fused_step --device $DEV --optimizer $o --steps 50; done 2>&1 | tee $OUT/fused_step.txt
+{ for o in sgd adam; do python3 -m benchmarks.fused_step --device $DEV --optimizer $o --steps 50; done
+  python3 -m benchmarks.fused_probe --device $DEV --steps 50; } 2>&1 | tee $OUT/fused_step.txt  # vmap vs grouped by hand
 timeout ${BENCH_S:-470} python3 -m benchmarks.sweep --device $DEV --train-size ${N:-50000} --test-size 10000 --epochs 3 \
   --long-epochs ${LONG:-20} --jobs 4 --resnet-train-size ${N:-50000} --peak-tflops 989 --parts ${PARTS:-long,resnet,grid} --out $OUT --work /tmp/bw 2>&1 | tee $OUT/bench.log

@@ -76,6 +76,9 @@ def train_group(members: list[Member], mode: str, describe: dict[str, Any]) -> N
     with routed(router):
         log.info("fused group of %d jobs (%s), training together: %s", len(members), mode,
                  ", ".join(m.tag for m in members))
+        if mode == "vmap" and members[0].state.run.trainer.compile:
+            log.info("trainer.compile: the fused step runs eagerly (its one step for all members is the gain); "
+                     "the members' own models are compiled where they step alone")
         positions: dict[tuple[int, int], list[Member]] = {}
         for m in members:  # members resumed at different points (one resumed alone) train in turn
             positions.setdefault((m.state.done, m.state.partial.step if m.state.partial else 0), []).append(m)
