@@ -309,3 +309,31 @@ def test_a_search_fuses_each_batch_of_trials(tmp_path: Path) -> None:
     trials = pd.read_csv(sweep / "search_trials.csv")
     assert list(trials["state"]) == ["complete"] * 4 and (sweep / "search_summary.md").is_file()
 
+
+
+def test_a_signal_while_a_group_opens_its_jobs_stops_opening_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The jobs opened so far are trained (and so checkpointed and stopped at once); the rest are left for the
+    next run of the command, as the jobs of later groups are."""
+    import signal
+
+    from hydra.core.utils import JobReturn
+    from omegaconf import OmegaConf
+
+    from cnnlab.fused import launcher
+    from cnnlab.fused.session import current
+    from cnnlab.fused.settings import FusedSettings
+
+    calls = []
+
+    def run(context: object, task: object, config: object) -> JobReturn:
+        session, num = current(), int(config.hydra.job.num)
+        calls.append(("train" if session.training else "open", num))
+        if not session.training:
+            session.members[num] = None
+            session.stop.signum = signal.SIGTERM  # as the handler sets it
+        return JobReturn()
+
+    monkeypatch.setattr(launcher, "_run", run)
+    configs = [OmegaConf.create({"hydra": {"job": {"num": i}}}) for i in range(3)]
+    launcher._fused(FusedSettings(), None, None, configs, [0, 1, 2], {"group": 0, "jobs": [0, 1, 2]})
+    assert calls == [("open", 0), ("train", 0)]

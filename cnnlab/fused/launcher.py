@@ -65,6 +65,8 @@ def _fused(settings: FusedSettings, context: HydraContext, task: TaskFunction, c
         session = Session(settings, describe, stop)
         with active(session):
             for index in group:
+                if stop.requested() and session.members:  # a signal: those not yet opened run on the next command
+                    break
                 returns[index] = _run(context, task, configs[index])
             session.training = True
             for index in group:
