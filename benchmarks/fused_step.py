@@ -6,10 +6,10 @@
     vmap+fused   the same forward and backward, then one optimizer step for all members (FusedSteps)
 
 on N LeNets of the lenet_grid kind: CIFAR-shaped input, each member its own lr, half sigmoid and half tanh,
-SGD with momentum or Adam. Prints ms per step of all N members, the ratio to `alone`, and the ops each
+SGD with momentum or Adam, built as cnnlab builds them (on CUDA with torch's fused optimizer kernels). Prints ms per step of all N members, the ratio to `alone`, and the ops each
 step dispatches to the device (counted with a TorchDispatchMode): on a GPU each is a kernel launch.
 
-    python -m benchmarks.fused_step [--members 12] [--batch 64] [--steps 20] [--rounds 5] [--optimizer sgd] [--device cpu]
+    python -m benchmarks.fused_step [--members 12] [--batch 64] [--steps 20] [--rounds 5] [--optimizer sgd] [--fused-kernels] [--device cpu]
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from cnnlab.fused.stacked import StackedModels
 from cnnlab.losses import CrossEntropyConfig, build_loss
 from cnnlab.models import build_model
 from cnnlab.models.lenet import LeNetConfig
+from cnnlab.optim import AdamConfig, SGDConfig, build_optimizer
 
 
 class Count(TorchDispatchMode):
@@ -41,14 +42,18 @@ class Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def members(n: int, optimizer: str, device: torch.device) -> list[SimpleNamespace]:
+def members(n: int, a: argparse.Namespace, device: torch.device) -> list[SimpleNamespace]:
+    """N LeNets, each with its optimizer as cnnlab builds it (on CUDA: torch's fused kernels), or with
+    --fused-kernels those kernels on any device: the CPU then dispatches what the GPU would launch."""
     out = []
     for i in range(n):
         torch.manual_seed(i)
         model = build_model(LeNetConfig(name="lenet", activation=("sigmoid", "tanh")[i % 2]), 3, 10, (32, 32)).to(device)
-        lr = (0.1, 0.01, 0.001)[i % 3] / (1 if optimizer == "sgd" else 100)
-        opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if optimizer == "sgd"
-               else torch.optim.Adam(model.parameters(), lr=lr))
+        lr = (0.1, 0.01, 0.001)[i % 3] / (1 if a.optimizer == "sgd" else 100)
+        cfg = SGDConfig(name="sgd", lr=lr) if a.optimizer == "sgd" else AdamConfig(name="adam", lr=lr)
+        opt = build_optimizer(cfg, model.parameters())
+        if a.fused_kernels:
+            opt = type(opt)(model.parameters(), **{**opt.defaults, "fused": True, "foreach": None})
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
         out.append(SimpleNamespace(model=model, optimizer=opt, scheduler=sched,
                                    run=SimpleNamespace(trainer=SimpleNamespace(grad_clip=None))))
@@ -60,7 +65,7 @@ def context(device: torch.device) -> StepContext:
 
 
 def way(name: str, n: int, a: argparse.Namespace, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    ms, ctx = members(n, a.optimizer, device), context(device)
+    ms, ctx = members(n, a, device), context(device)
     if name == "alone":
         state = EpochState.begin(SimpleNamespace(order=lambda: None), ms[0].optimizer, device)
         return lambda x, y: [train_step(m.model, x, y, ctx, m.optimizer, m.scheduler, state) for m in ms]
@@ -105,12 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--fused-kernels", action="store_true",
+                        help="members' optimizers with torch's fused kernels, as cnnlab builds them on CUDA")
     a = parser.parse_args(argv)
     device = torch.device(a.device)
     g = torch.Generator().manual_seed(0)
     data = [(torch.randint(0, 256, (a.batch, 3, 32, 32), dtype=torch.uint8, generator=g).to(device), torch.randint(0, 10, (a.batch,), generator=g).to(device))
             for _ in range(a.steps)]
-    print(f"{a.members} x LeNet ({a.optimizer}), batch {a.batch}, {a.steps} steps x {a.rounds} rounds on {device} "
+    kernels = ", members' optimizers fused=True" if a.fused_kernels else ""
+    print(f"{a.members} x LeNet ({a.optimizer}{kernels}), batch {a.batch}, {a.steps} steps x {a.rounds} rounds on {device} "
           f"(median of the rounds; the ways take turns, so a busy machine slows all alike)")
     names = ("alone", "vmap", "vmap+fused")
     steps = {name: way(name, a.members, a, device) for name in names}

@@ -23,10 +23,12 @@ def net(seed: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 5))
 
 
-def member(seed: int, make: type[torch.optim.Optimizer], settings: dict, clip: float | None) -> SimpleNamespace:
-    """A member as the group sees one (a TrainState's model, optimizer, schedule and grad_clip)."""
+def member(seed: int, make: type[torch.optim.Optimizer], settings: dict, clip: float | None,
+           kernels: bool = False) -> SimpleNamespace:
+    """A member as the group sees one (a TrainState's model, optimizer, schedule and grad_clip). kernels: its
+    optimizer on torch's fused kernels, as cnnlab builds it on CUDA (its Adam keeps its step counts there)."""
     model = net(seed)
-    optimizer = make(model.parameters(), **settings)
+    optimizer = make(model.parameters(), **settings, **({"fused": True} if kernels else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))  # a new lr every step
     return SimpleNamespace(model=model, optimizer=optimizer, scheduler=scheduler,
                            run=SimpleNamespace(trainer=SimpleNamespace(grad_clip=clip)))
@@ -35,7 +37,7 @@ def member(seed: int, make: type[torch.optim.Optimizer], settings: dict, clip: f
 def twin(m: SimpleNamespace) -> SimpleNamespace:
     """The member as its lone run: its own copy, optimizer and schedule."""
     model = copy.deepcopy(m.model)
-    optimizer = type(m.optimizer)(model.parameters(), **{k: m.optimizer.defaults[k] for k in SETTINGS_KEYS[type(m.optimizer)]})
+    optimizer = type(m.optimizer)(model.parameters(), **{k: m.optimizer.defaults[k] for k in (*SETTINGS_KEYS[type(m.optimizer)], "fused")})
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
     return SimpleNamespace(model=model, optimizer=optimizer, scheduler=scheduler, run=m.run)
 
@@ -77,17 +79,23 @@ def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("clip", [None, 0.05])
+@pytest.mark.parametrize("clip, kernels", [(None, False), (0.05, False), (None, True)])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_one_fused_step_for_all_members_is_each_members_own_step(case: str, clip: float | None) -> None:
+def test_one_fused_step_for_all_members_is_each_members_own_step(case: str, clip: float | None, kernels: bool) -> None:
+    """The members first step alone (their optimizers then hold state, as a resumed run's do, which the fused
+    buffers take over), then together; their twins step alone throughout."""
     make, settings = CASES[case]
-    members = [member(i, make, s, clip) for i, s in enumerate(settings)]
+    members = [member(i, make, s, clip, kernels) for i, s in enumerate(settings)]
     twins = [twin(m) for m in members]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        x, y = torch.randn(8, 2, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)
+        for m in (*members, *twins):
+            lone_step(m, x, y, clip)
     stacked = StackedModels([m.model for m in members])
     updates = member_updates(stacked.flat, members)
     assert isinstance(updates, FusedSteps)
     stacked.train()
-    g = torch.Generator().manual_seed(0)
     for _ in range(STEPS):
         x, y = torch.randn(N, 8, 2, 6, 6, generator=g), torch.randint(0, 5, (N, 8), generator=g)
         fused_step(stacked, updates, x, y)
@@ -100,12 +108,17 @@ def test_one_fused_step_for_all_members_is_each_members_own_step(case: str, clip
         for b, c in zip(m.model.buffers(), t.model.buffers()):
             assert_close(b, c)
 
-    # each member's optimizer state is its lone run's: saved and loaded into a fresh optimizer, it steps on alone
+    # each member's optimizer state is its lone run's, saved while fused (a checkpoint) or after: loaded into a
+    # fresh optimizer, it steps on alone
+    saved = [copy.deepcopy(m.optimizer.state_dict()) for m in members]
     updates.release()
     stacked.release()
     x, y = torch.randn(8, 2, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)
-    for m, t in zip(members, twins):
+    for m, t, while_fused in zip(members, twins, saved):
         ours, theirs = m.optimizer.state_dict(), t.optimizer.state_dict()
+        for k, state in while_fused["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, ours["state"][k][key])
         assert ours["state"].keys() == theirs["state"].keys()
         for k, state in ours["state"].items():
             assert state.keys() == theirs["state"][k].keys()
@@ -160,3 +173,15 @@ def test_a_parameter_the_forward_never_uses_is_left_be_as_alone() -> None:
     for m, s, u in zip(members, spare, used):
         assert torch.equal(m.model.spare.weight, s) and not torch.equal(m.model.used.weight, u)
         assert "momentum_buffer" not in m.optimizer.state[m.model.spare.weight]
+
+
+def test_members_at_different_adam_steps_step_on_their_own_with_their_state_untouched() -> None:
+    members = [member(i, torch.optim.Adam, dict(lr=0.01), None) for i in range(2)]
+    x, y = torch.randn(8, 2, 6, 6), torch.randint(0, 5, (8,))
+    lone_step(members[0], x, y, None)
+    stacked = StackedModels([m.model for m in members])
+    assert isinstance(member_updates(stacked.flat, members), MemberSteps)
+    assert not members[1].optimizer.state  # nothing half made: its own first step starts it as alone
+    stacked.release()
+    lone_step(members[1], x, y, None)
+    assert all(s["step"] == 1 for s in members[1].optimizer.state.values())

@@ -98,6 +98,7 @@ def _train_part(part: list[Member], mode: str, router: MemberLogs, everyone: lis
         went_on = _epoch(active, epoch, fused, router, everyone, stopped)
         if len(went_on) != len(active) and fused is not None:
             fused.release()  # each member's tensors its own again; the group goes on without those that ended
+            fused = None  # the old buffers go before the new ones are made
             fused = _fused(went_on) if went_on else None
         for m in active:
             if m not in went_on and m.summary is None:  # ended (diverged, stuck, pruned), not failed or stopped

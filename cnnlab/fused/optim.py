@@ -16,6 +16,7 @@ member's own optimizer on its rows, as before (MemberSteps).
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -37,12 +38,13 @@ def member_updates(flat: FlatParams, states: Sequence[TrainState], unused: Seque
     optimizer leaves them be (no weight decay, no momentum), which only the members' own steps follow."""
     kind = type(states[0].optimizer)
     rule = RULES.get(kind)
-    if rule is None or unused or not all(type(s.optimizer) is kind and _follows(s, flat) for s in states):
-        for s in states:
-            for name in unused:
-                s.model.get_parameter(name).grad = None
-        return MemberSteps(states)
-    return FusedSteps(flat, states, rule)
+    if rule is not None and not unused and all(type(s.optimizer) is kind and _follows(s, flat) for s in states):
+        with contextlib.suppress(ValueError):  # members the rule cannot take as one (it checks before it changes any)
+            return FusedSteps(flat, states, rule)
+    for s in states:
+        for name in unused:
+            s.model.get_parameter(name).grad = None
+    return MemberSteps(states)
 
 
 class MemberSteps:
@@ -179,18 +181,21 @@ class AdamRule(Rule):
 
     def _steps(self, groups: list[dict[str, Any]], states: list[dict], members: list[dict]) -> tuple[torch.Tensor, int]:
         """Every member's step counts as entries of one [N, params] tensor, where its own optimizer keeps them
-        (on the device for a fused or capturable Adam, else on the CPU); and the count they share."""
+        (on the device for a fused or capturable Adam, else on the CPU); and the count they share. Raises
+        ValueError, before any state is changed, where the members stand at different steps."""
         on_device = groups[0].get("fused") or groups[0].get("capturable")
         device = self.flat.values.device if on_device else torch.device("cpu")
         steps = torch.zeros(len(members), len(self.flat.names), dtype=torch.float32, device=device)
         for i, (state, params) in enumerate(zip(states, members)):
-            for k, (name, p) in enumerate(params.items()):
+            for k, p in enumerate(params.values()):
                 if "step" in state.get(p, {}):
                     steps[i, k] = state[p]["step"]
-                state.setdefault(p, {})["step"] = steps[i, k]
         counts = steps.unique().tolist()  # one read at build, none per step
         if len(counts) > 1:
             raise ValueError(f"the members stand at different Adam steps {counts}")
+        for i, (state, params) in enumerate(zip(states, members)):
+            for k, p in enumerate(params.values()):
+                state.setdefault(p, {})["step"] = steps[i, k]
         return steps, int(counts[0]) if counts else 0
 
     def step(self, values: torch.Tensor, grads: torch.Tensor, lrs: list[float], columns: Columns) -> None:
@@ -203,11 +208,12 @@ class AdamRule(Rule):
             g = torch.addcmul(grads, values, columns("decay", self.decay))
         self.exp_avg.lerp_(g, columns("1-beta1", [1 - b for b in self.beta1]))
         self.exp_avg_sq.mul_(columns("beta2", self.beta2)).addcmul_(g, g * columns("1-beta2", [1 - b for b in self.beta2]))
-        # in double on the host, as torch's step computes them from its step count
+        # in double on the host, as torch's step computes them from its step count; then torch's capturable
+        # form, p += m / ((sqrt(v) / sqrt(1 - beta2^t) + eps) / -step_size): one temporary buffer, not three
         step_size = [-(lr / (1 - b ** self.t)) for lr, b in zip(lrs, self.beta1)]
         correction = [(1 - b ** self.t) ** 0.5 for b in self.beta2]
-        denom = (self.exp_avg_sq.sqrt() / columns("sqrt(1-beta2^t)", correction)).add_(columns("eps", self.eps))
-        values.addcmul_(self.exp_avg / denom, columns("step size", step_size))
+        denom = self.exp_avg_sq.sqrt().div_(columns("sqrt(1-beta2^t)", correction)).add_(columns("eps", self.eps))
+        values.addcdiv_(self.exp_avg, denom.div_(columns("step size", step_size)))
 
 
 RULES: dict[type[torch.optim.Optimizer], type[Rule]] = {
