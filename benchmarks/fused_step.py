@@ -26,7 +26,7 @@ from cnnlab.data.augment import Pipeline
 from cnnlab.engine import EpochState, StepContext, train_step
 from cnnlab.fused.optim import FusedSteps, MemberSteps, member_updates
 from cnnlab.fused.stacked import StackedModels
-from cnnlab.losses import CrossEntropyConfig, build_loss
+from cnnlab.losses import CrossEntropyConfig, build_loss, build_member_losses
 from cnnlab.models import build_model
 from cnnlab.models.lenet import LeNetConfig
 from cnnlab.optim import AdamConfig, SGDConfig, build_optimizer
@@ -69,6 +69,7 @@ def way(name: str, n: int, a: argparse.Namespace, device: torch.device) -> Calla
     if name == "alone":
         state = EpochState.begin(SimpleNamespace(order=lambda: None), ms[0].optimizer, device)
         return lambda x, y: [train_step(m.model, x, y, ctx, m.optimizer, m.scheduler, state) for m in ms]
+    member_losses = build_member_losses(CrossEntropyConfig(name="cross_entropy"), 10)
     stacked = StackedModels([m.model for m in ms])
     stacked.train()
     updates = member_updates(stacked.flat, ms) if name == "vmap+fused" else MemberSteps(ms)
@@ -76,7 +77,7 @@ def way(name: str, n: int, a: argparse.Namespace, device: torch.device) -> Calla
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         logits = stacked.forward(ctx.inputs(x, train=True), [], batched_input=False)
-        losses = torch.vmap(ctx.loss_fn, in_dims=(0, None))(logits, y)
+        losses = member_losses(logits, y)
         stacked.zero_grad()
         stacked.flat.backward(losses.sum())
         updates.step()

@@ -59,6 +59,29 @@ def build_loss(cfg: LossConfig, num_classes: int) -> LossFn:
     return mse
 
 
+def build_member_losses(cfg: LossConfig, num_classes: int) -> LossFn:
+    """build_loss for N runs at once (a fused group's members): logits [N, B, K] and targets [N, B] (or [B],
+    shared), each run's mean loss [N]: per-sample losses, then one mean per run, so no vmap is needed."""
+    if isinstance(cfg, CrossEntropyConfig):
+        smoothing = cfg.label_smoothing
+
+        def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            n, b = logits.shape[:2]
+            per_sample = F.cross_entropy(logits.float().flatten(0, 1), y.expand(n, b).flatten(),
+                                         label_smoothing=smoothing, reduction="none")
+            return per_sample.view(n, b).mean(1)
+        return cross_entropy
+
+    use_softmax = cfg.softmax
+
+    def mse(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = logits.float().softmax(dim=-1) if use_softmax else logits.float()
+        target = F.one_hot(y, num_classes).float().expand_as(out)
+        return F.mse_loss(out, target, reduction="none").mean((1, 2))
+
+    return mse
+
+
 def chance_loss(cfg: LossConfig, num_classes: int) -> float:
     """The loss of a net that outputs the same uniform guess for every image: the stuck level."""
     k = num_classes

@@ -1,6 +1,6 @@
 """The fused optimizer step (cnnlab/fused/optim.py) against torch's own, member by member: the same weights
 after several steps with per-member hyperparameters, schedules and gradient clipping, and optimizer states
-that a member's own optimizer takes over (its checkpoint resumes alone)."""
+that a member's own optimizer takes over (its checkpoint resumes alone). And the members' losses in one call."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +13,7 @@ from torch import nn
 
 from cnnlab.fused.optim import FusedSteps, MemberSteps, member_updates
 from cnnlab.fused.stacked import StackedModels
+from cnnlab.losses import CrossEntropyConfig, MSEConfig, build_loss, build_member_losses
 
 N, STEPS = 4, 6
 
@@ -185,3 +186,12 @@ def test_members_at_different_adam_steps_step_on_their_own_with_their_state_unto
     stacked.release()
     lone_step(members[1], x, y, None)
     assert all(s["step"] == 1 for s in members[1].optimizer.state.values())
+
+
+@pytest.mark.parametrize("cfg", [CrossEntropyConfig(), CrossEntropyConfig(label_smoothing=0.1), MSEConfig(),
+                                 MSEConfig(softmax=False)], ids=repr)
+def test_the_members_losses_in_one_call_are_each_members_own(cfg: object) -> None:
+    logits, y = torch.randn(3, 16, 5), torch.randint(0, 5, (3, 16))
+    one, own = build_member_losses(cfg, 5), build_loss(cfg, 5)
+    torch.testing.assert_close(one(logits, y), torch.stack([own(logits[i], y[i]) for i in range(3)]))
+    torch.testing.assert_close(one(logits, y[0]), torch.stack([own(logits[i], y[0]) for i in range(3)]))  # shared

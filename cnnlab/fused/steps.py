@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.func import vmap
 
 from cnnlab.engine import EpochState, run_steps
 from cnnlab.fused.optim import Updates
+from cnnlab.losses import build_member_losses
 from cnnlab.fused.stacked import StackedModels
 from cnnlab.trainstate import TrainState
 
@@ -136,22 +136,23 @@ def _draws_alike(a: TrainState, ea: EpochState, b: TrainState, eb: EpochState) -
 
 
 class _Losses:
-    """Each member's own loss, one vmapped call per distinct loss config: [N] losses in member order."""
+    """Each member's own loss, one call per distinct loss config (losses.build_member_losses): [N] losses in
+    member order."""
 
     def __init__(self, states: Sequence[TrainState], device: torch.device) -> None:
         groups: dict[str, list[int]] = {}
         for i, s in enumerate(states):
             groups.setdefault(repr(s.run.loss), []).append(i)
-        self.groups = [(states[idx[0]].ctx.loss_fn, idx) for idx in groups.values()]
+        self.groups = [(build_member_losses(states[idx[0]].run.loss, states[idx[0]].spec.num_classes), idx)
+                       for idx in groups.values()]
         order = [i for _, idx in self.groups for i in idx]
         self.inverse = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=device)
         self.index = [torch.tensor(idx, device=device) for _, idx in self.groups]
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor, batched: bool) -> torch.Tensor:
         if len(self.groups) == 1:
-            return vmap(self.groups[0][0], in_dims=(0, 0 if batched else None))(logits, y)
-        parts = [vmap(fn, in_dims=(0, 0 if batched else None))(logits[idx], y[idx] if batched else y)
-                 for (fn, _), idx in zip(self.groups, self.index)]
+            return self.groups[0][0](logits, y)
+        parts = [fn(logits[idx], y[idx] if batched else y) for (fn, _), idx in zip(self.groups, self.index)]
         return torch.cat(parts)[self.inverse]
 
 
