@@ -19,8 +19,8 @@ import torch
 
 from cnnlab.engine import EpochState, run_steps
 from cnnlab.fused.optim import Updates
-from cnnlab.losses import build_member_losses
 from cnnlab.fused.stacked import StackedModels
+from cnnlab.losses import build_member_losses
 from cnnlab.trainstate import TrainState
 
 
