@@ -142,7 +142,8 @@ def save_checkpoint(path: Path, **state: Any) -> None:
 
 def _own_storage(obj: Any) -> Any:
     """Tensors that view a larger storage copied out: torch.save writes a tensor's whole storage, and a
-    fused group's member holds its weights as rows of the group's stacked tensors (fused/stacked.py)."""
+    fused group's member holds its weights and optimizer state as rows of the group's buffers (fused/flat.py,
+    fused/optim.py)."""
     if isinstance(obj, torch.Tensor):
         return obj.clone() if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size() else obj
     if isinstance(obj, dict):

@@ -4,15 +4,17 @@ The members' parameters and gradients are one [N, D] buffer each (flat.py), so S
 every member and every parameter with a handful of whole-buffer ops. Each member's hyperparameters
 (lr as its schedule has it, momentum, betas, eps, weight decay, nesterov) are an [N, 1] column that
 broadcasts over the rows, made on the host and uploaded only when they change; gradient clipping
-(trainer.grad_clip) uses each member's own norm. The math is torch's own step's (torch/optim/sgd.py and
-adam.py, their multi-tensor paths), op for op, so a member steps as its lone run does up to rounding.
+(trainer.grad_clip) uses each member's own norm. The math is torch's own step's (torch/optim/sgd.py's
+multi-tensor path; adam.py's, its last update in the capturable path's form), so a member steps as its
+lone run does up to rounding.
 
 Each member's optimizer keeps its state: its momentum buffers and Adam moments are rows of the fused
 buffers and its step counts entries of one tensor, so its checkpoint holds exactly what its own
 optimizer's would, and resumes alone. Its schedule steps as alone and sets the lr the next step reads.
 
-Other optimizers (RAdam, RMSprop, one with settings the rules here do not follow) step per member: each
-member's own optimizer on its rows, as before (MemberSteps).
+Other optimizers (RAdam, RMSprop, one with settings the rules here do not follow), members at different
+Adam steps and a model with a parameter its forward never uses step per member: each member's own
+optimizer on its rows (MemberSteps).
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ own member's summary. A stop raises Interrupted from that job, so the app report
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 import logging
+from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ class Session:
     def __init__(self, settings: FusedSettings, describe: dict[str, Any], stop: GracefulStop) -> None:
         self.settings, self.describe, self.stop = settings, describe, stop
         self.members: dict[int, Member] = {}
-        self.shared: dict[str, Any] = {}  # the data members with one dataset config and seed load once
+        self.shared: dict[str, Any] = {}  # what the members load once: the dataset read, its splits placed (fit.opened_run)
         self.training = False
         self._trained = False
 

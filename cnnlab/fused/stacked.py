@@ -2,11 +2,12 @@
 turn each convolution into one grouped convolution and each linear layer into one batched matmul (the
 fusion HFTA writes out by hand, for every model family at once).
 
-Each parameter and buffer of the members lives in one stacked tensor [N, ...]; the members' own
-modules keep working on views of their rows. So a member's optimizer, scheduler, doctor, evaluation
-and checkpoints see a plain model of their own, and an optimizer step on a member writes straight
-into the stack: no copy per step. BatchNorm's running statistics are stacked buffers too, updated in
-place per member inside vmap.
+The members' trainable parameters live in one [N, D] buffer (flat.py) that the vmapped forward sees as
+one [N, ...] tensor per parameter; buffers and frozen parameters are stacked [N, ...] tensors. The
+members' own modules keep working on views of their rows, so a member's optimizer, scheduler, doctor,
+evaluation and checkpoints see a plain model of their own, and the group's optimizer step (optim.py)
+writes straight into the buffer: no copy per step. BatchNorm's running statistics are updated in place
+per member inside vmap.
 
 Dropout draws per member, outside vmap: each member's masks come from its own generator, with the
 very calls F.dropout makes on the CPU (bernoulli_(1 - p), then / (1 - p)), so on the CPU a member gets
@@ -202,6 +203,7 @@ class StackedModels:
             finally:
                 self.feed.calls = self.feed.kinds = None
         return self._calls[key]
+
 
 def _dropout_mask(shape: tuple[int, ...], p: float, device: torch.device, generator: torch.Generator) -> torch.Tensor:
     """F.dropout's noise on the CPU, from the member's generator: p=0 and p=1 draw nothing, as there."""
