@@ -5,14 +5,17 @@
 #   at CIFAR size. Pure-Python wheels the machine lacks
 #   (hydra-core, omegaconf, antlr4, torchinfo, hydra-joblib-launcher) travel in .whl/ (see the device notes).
 #   Env: DEV (cuda), FUSE (auto), N (training images, 50000), LONG (epochs of the long fused run, 20),
-#   BENCH_S (time cap of the benchmark, s), PARTS (benchmark tables, in order), OUT (where the tables go).
+#   BENCH_S (time cap of the benchmark, s), PARTS (benchmark tables, in order), OUT (where the tables go),
+#   RN (ResNet-18 training images, N), STAGES (which of smoke,step,bench to run: two calls can split them).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 DEV=${DEV:-cuda}
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null
 python3 -c "import torch;print(torch.__version__, torch.cuda.is_available())"
+STAGES=${STAGES:-smoke,step,bench}
 S=/tmp/smoke; rm -rf $S; mkdir -p $S
+if [[ $STAGES == *smoke* ]]; then
 G="-m +debug=smoke trainer.device=$DEV optimizer.lr=0.1,0.05 model.activation=relu,tanh model.dropout=0,0.3"
 python3 -m cnnlab $G hydra/launcher=fused hydra.launcher.fuse=${FUSE:-auto} hydra.sweep.dir=$S/fused > $S/fused.log 2>&1; echo "fused rc=$?"
 python3 -m cnnlab $G hydra.sweep.dir=$S/alone > $S/alone.log 2>&1; echo "alone rc=$?"
@@ -30,7 +33,11 @@ assert len(r) == 2 and all(v["status"] == "completed" for v in r.values())
 print("max val acc diff fused vs alone", max(abs(f[k]["final_val_acc"] - a[k]["final_val_acc"]) for k in f))
 PY
 cp $S/fused/0_*/train.log $OUT/smoke_member_train.log 2>/dev/null
+fi
+[[ $STAGES == *step* ]] && \
 { for o in sgd adam; do python3 -m benchmarks.fused_step --device $DEV --optimizer $o --steps 50; done
   python3 -m benchmarks.fused_probe --device $DEV --steps 50; } 2>&1 | tee $OUT/fused_step.txt  # vmap vs grouped by hand
-timeout ${BENCH_S:-470} python3 -m benchmarks.sweep --device $DEV --train-size ${N:-50000} --test-size 10000 --epochs 3 \
-  --long-epochs ${LONG:-20} --jobs 4 --resnet-train-size ${N:-50000} --peak-tflops 989 --parts ${PARTS:-long,resnet,grid} --out $OUT --work /tmp/bw 2>&1 | tee $OUT/bench.log
+[[ $STAGES == *bench* ]] && timeout ${BENCH_S:-470} python3 -m benchmarks.sweep --device $DEV --train-size ${N:-50000} --test-size 10000 --epochs 3 \
+  --long-epochs ${LONG:-20} --jobs 4 --resnet-train-size ${RN:-${N:-50000}} --peak-tflops 989 --parts ${PARTS:-long,resnet,grid} --out $OUT --work /tmp/bw 2>&1 | tee $OUT/bench.log
+# every run's metrics.csv and summary.json, for the breakdown of the wall times (also after a time cap)
+[[ $STAGES == *bench* ]] && tar -czf $OUT/runs.tgz -C /tmp/bw --wildcards '*/metrics.csv' '*/summary.json' 2>/dev/null
