@@ -1,9 +1,11 @@
-"""One training step of a fused group, as cnnlab's fused launcher takes it, three ways side by side:
+"""One training step of a fused group, as cnnlab's fused launcher takes it, four ways side by side:
 
     alone        each member's own step in turn (engine.train_step: what N jobs, or fuse=loop, do)
     vmap         one vmapped forward and backward (fused/stacked.py), then each member's own optimizer
                  and schedule step (fused/optim.py's MemberSteps: how the fused launcher stepped before)
     vmap+fused   the same forward and backward, then one optimizer step for all members (FusedSteps)
+    wide+fused   the forward and backward with the layers written out (fused/wide.py, fuse=wide), then
+                 one optimizer step for all
 
 on N LeNets of the lenet_grid kind: CIFAR-shaped input, each member its own lr, half sigmoid and half tanh,
 SGD with momentum or Adam, built as cnnlab builds them (on CUDA with torch's fused optimizer kernels). Prints ms per step of all N members, the ratio to `alone`, and the ops each
@@ -70,10 +72,10 @@ def way(name: str, n: int, a: argparse.Namespace, device: torch.device) -> Calla
         state = EpochState.begin(SimpleNamespace(order=lambda: None), ms[0].optimizer, device)
         return lambda x, y: [train_step(m.model, x, y, ctx, m.optimizer, m.scheduler, state) for m in ms]
     member_losses = build_member_losses(CrossEntropyConfig(name="cross_entropy"), 10)
-    stacked = StackedModels([m.model for m in ms])
+    stacked = StackedModels([m.model for m in ms], name.split("+")[0])
     stacked.train()
-    updates = member_updates(stacked.flat, ms) if name == "vmap+fused" else MemberSteps(ms)
-    assert isinstance(updates, FusedSteps) == (name == "vmap+fused")
+    updates = member_updates(stacked.flat, ms) if name.endswith("+fused") else MemberSteps(ms)
+    assert isinstance(updates, FusedSteps) == name.endswith("+fused")
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         logits = stacked.forward(ctx.inputs(x, train=True), [], batched_input=False)
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels = ", members' optimizers fused=True" if a.fused_kernels else ""
     print(f"{a.members} x LeNet ({a.optimizer}{kernels}), batch {a.batch}, {a.steps} steps x {a.rounds} rounds on {device} "
           f"(median of the rounds; the ways take turns, so a busy machine slows all alike)")
-    names = ("alone", "vmap", "vmap+fused")
+    names = ("alone", "vmap", "vmap+fused", "wide+fused")
     steps = {name: way(name, a.members, a, device) for name in names}
     ops = {name: ops_per_step(step, data) for name, step in steps.items()}
     times: dict[str, list[float]] = {name: [] for name in names}

@@ -81,13 +81,13 @@ def agreement(fused: dict, alone: dict) -> str:
 
 
 def throughput(result: dict) -> float:
-    """Training images per second of the whole sweep's training. The members of a vmapped group share one
+    """Training images per second of the whole sweep's training. The members of a fused group share one
     wall time (each records it); runs one by one, and members in a loop, add up."""
     runs = list(result["runs"].values())
     images = sum((r.get("train_size") or 0) * (r.get("epochs_completed") or 0) for r in runs)
-    vmapped = all((r.get("fused_group") or {}).get("mode") == "vmap" for r in runs)
+    together = all((r.get("fused_group") or {}).get("mode") in ("wide", "vmap") for r in runs)
     times = [r.get("train_seconds") or 0 for r in runs]
-    seconds = max(times) if vmapped else sum(times)
+    seconds = max(times) if together else sum(times)
     return images / seconds if seconds else 0.0
 
 

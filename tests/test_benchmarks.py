@@ -117,10 +117,11 @@ def test_sweep_benchmark_times_a_sweep_and_tables_it_against_one_by_one(tmp_path
     assert throughput(fused) == pytest.approx(images / sum(r["train_seconds"] for r in fused["runs"].values()))
 
 
-def test_fused_step_benchmark_times_three_ways_and_counts_their_ops(capsys: pytest.CaptureFixture) -> None:
+def test_fused_step_benchmark_times_four_ways_and_counts_their_ops(capsys: pytest.CaptureFixture) -> None:
     from benchmarks.fused_step import main as fused_step
     assert fused_step(["--members", "3", "--batch", "4", "--steps", "2", "--rounds", "1", "--optimizer", "adam"]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
     ops = {line.split()[0]: int(line.split()[-2]) for line in lines}
-    assert list(ops) == ["alone", "vmap", "vmap+fused"]
+    assert list(ops) == ["alone", "vmap", "vmap+fused", "wide+fused"]
     assert ops["vmap+fused"] < ops["vmap"] < ops["alone"]  # one optimizer step for all takes the most out
+    assert ops["wide+fused"] < ops["vmap+fused"]  # without vmap's batching ops

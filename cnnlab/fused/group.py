@@ -23,7 +23,7 @@ from cnnlab.distributed import World
 from cnnlab.fused.logs import MemberLogs, job_log_files, routed
 from cnnlab.fused.optim import Updates, member_updates
 from cnnlab.fused.stacked import StackedModels
-from cnnlab.fused.steps import Stepper, loop_epoch, member_rng, vmap_epoch
+from cnnlab.fused.steps import Stepper, fused_epoch, loop_epoch, member_rng
 from cnnlab.interrupt import GracefulStop, Interrupted
 from cnnlab.record import RunRecord, Summary, claim
 from cnnlab.search.trial import EpochJudge
@@ -68,7 +68,7 @@ def open_member(tag: str, run: RunConfig, run_dir: Path, overrides: list[str], r
 
 def train_group(members: list[Member], mode: str, describe: dict[str, Any]) -> None:
     """Train the opened members to their ends; each member's summary is set. Raises Interrupted after a
-    signal has checkpointed every member. mode: vmap|loop (see steps.py)."""
+    signal has checkpointed every member. mode: wide|vmap|loop (settings.py, steps.py)."""
     for m in members:
         m.state.record.built(fused_group={**describe, "mode": mode})
     stopped: list[Interrupted] = []
@@ -76,7 +76,7 @@ def train_group(members: list[Member], mode: str, describe: dict[str, Any]) -> N
     with routed(router):
         log.info("fused group of %d jobs (%s), training together: %s", len(members), mode,
                  ", ".join(m.tag for m in members))
-        if mode == "vmap" and members[0].state.run.trainer.compile:
+        if mode != "loop" and members[0].state.run.trainer.compile:
             log.info("trainer.compile: the fused step runs eagerly (its one step for all members is the gain); "
                      "the members' own models are compiled where they step alone")
         positions: dict[tuple[int, int], list[Member]] = {}
@@ -91,7 +91,7 @@ def train_group(members: list[Member], mode: str, describe: dict[str, Any]) -> N
 def _train_part(part: list[Member], mode: str, router: MemberLogs, everyone: list[Member],
                 stopped: list[Interrupted]) -> None:
     active, epochs = list(part), part[0].state.run.trainer.epochs
-    fused = _fused(active) if mode == "vmap" else None
+    fused = _fused(active, mode) if mode != "loop" else None
     for epoch in range(part[0].state.done + 1, epochs + 1):
         if not active:
             break
@@ -99,7 +99,7 @@ def _train_part(part: list[Member], mode: str, router: MemberLogs, everyone: lis
         if len(went_on) != len(active) and fused is not None:
             fused.release()  # each member's tensors its own again; the group goes on without those that ended
             fused = None  # the old buffers go before the new ones are made
-            fused = _fused(went_on) if went_on else None
+            fused = _fused(went_on, mode) if went_on else None
         for m in active:
             if m not in went_on and m.summary is None:  # ended (diverged, stuck, pruned), not failed or stopped
                 _end(m, router, everyone)
@@ -122,23 +122,42 @@ class Fused:
         self.stacked.release()
 
 
-def _fused(members: list[Member]) -> Fused | None:
-    """The members' models stacked for vmap with their optimizers fused, or None (each member steps in
-    turn) where vmap cannot run them."""
-    stacked = None
+def _fused(members: list[Member], mode: str) -> Fused | None:
+    """The members' models stacked as one with their optimizers fused, or None (each member steps in turn)
+    where neither form runs them. mode wide tries the layers written out, then vmap; each member's
+    summary says which form its group took."""
+    for form in ("wide", "vmap") if mode == "wide" else ("vmap",):
+        try:
+            fused = _stacked(members, form)
+        except Exception as err:  # noqa: BLE001 - whatever a form refuses, the members still train
+            log.warning("this model cannot be fused %s (%s: %s); %s", _HOW[form], type(err).__name__,
+                        str(err).splitlines()[0][:300], "trying torch.func.vmap" if form == "wide" else
+                        "the group's members step one after another instead (hydra.launcher.fuse=loop)")
+            continue
+        _record_mode(members, form)
+        return fused
+    _record_mode(members, "loop")
+    return None
+
+
+_HOW = {"wide": "layer by layer (hydra.launcher.fuse=wide)", "vmap": "with torch.func.vmap"}
+
+
+def _stacked(members: list[Member], form: str) -> Fused:
+    """The members stacked in one form, checked against their own models, their optimizers fused."""
+    stacked = StackedModels([m.state.model for m in members], form)
     try:
-        stacked = StackedModels([m.state.model for m in members])
         probe = torch.stack([m.state.ctx.inputs(m.state.probe.images, train=False) for m in members])  # no draws
         stacked.check(probe, members[0].state.ctx)
         return Fused(stacked, member_updates(stacked.flat, [m.state for m in members], stacked.unused))
-    except Exception as err:  # noqa: BLE001 - whatever vmap refuses, the members still train, one step each
-        if stacked is not None:
-            stacked.release()
-        for m in members:
-            m.state.record.built(fused_group={**(m.state.record.summary.fused_group or {}), "mode": "loop"})
-        log.warning("this model cannot be fused with torch.func.vmap (%s: %s); the group's members step one after "
-                    "another instead (hydra.launcher.fuse=loop)", type(err).__name__, str(err).splitlines()[0][:300])
-        return None
+    except BaseException:
+        stacked.release()
+        raise
+
+
+def _record_mode(members: list[Member], mode: str) -> None:
+    for m in members:
+        m.state.record.built(fused_group={**(m.state.record.summary.fused_group or {}), "mode": mode})
 
 
 def _epoch(active: list[Member], epoch: int, fused: Fused | None, router: MemberLogs,
@@ -148,7 +167,7 @@ def _epoch(active: list[Member], epoch: int, fused: Fused | None, router: Member
     stepper = Stepper([m.state for m in active], epochs, [m.generator for m in active], active[0].state.stopping)
     if fused is not None:
         tic = time.perf_counter()
-        vmap_epoch(stepper, fused.stacked, fused.updates)
+        fused_epoch(stepper, fused.stacked, fused.updates)
         seconds = [time.perf_counter() - tic] * len(active)  # the members' one step took the group's time
     else:
         seconds = loop_epoch(stepper)  # each its own epoch's time

@@ -29,6 +29,8 @@ from torch.func import functional_call, vmap
 
 from cnnlab.engine import StepContext
 from cnnlab.fused.flat import FlatParams
+from cnnlab.fused.members import ACTIVATION_TYPES, activation_kinds, dropout_mask
+from cnnlab.fused.wide import WideFeed, from_wide, to_wide, wide_template
 
 
 class _Feed:
@@ -75,9 +77,6 @@ def _in_fp32(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.T
     return (args[0].float(),)
 
 
-ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.GELU)
-
-
 def _template(models: Sequence[nn.Module], feed: _Feed) -> tuple[nn.Module, list[str], torch.Tensor]:
     """A copy of the first model whose dropout layers take masks and whose activations follow each member;
     the dropout layers' names, and the members' activation kinds [N, sites]."""
@@ -95,31 +94,36 @@ def _template(models: Sequence[nn.Module], feed: _Feed) -> tuple[nn.Module, list
             # under bf16 autocast a norm gets a conv's bf16 output, and vmap's CUDA batch-norm backward
             # refuses bf16 input with fp32 running statistics; in fp32 (as autocast leaves norms) it runs
             module.register_forward_pre_hook(_in_fp32)
-        elif isinstance(module, ACTIVATION_TYPES):
-            own = [m.get_submodule(name) for m in models]
-            choices = list({repr(a): a for a in own}.values())  # one per distinct activation (and its settings)
-            if len(choices) > 1:
-                setattr(owner, leaf, _FedActivation(feed, len(kinds), copy.deepcopy(choices)))
-                kinds.append([[repr(c) for c in choices].index(repr(a)) for a in own])
+        elif isinstance(module, ACTIVATION_TYPES) and (differ := activation_kinds(models, name)):
+            setattr(owner, leaf, _FedActivation(feed, len(kinds), copy.deepcopy(differ[0])))
+            kinds.append(differ[1])
     return template, names, torch.tensor(kinds, dtype=torch.long).reshape(len(kinds), len(models)).T
 
 
 class StackedModels:
-    """The members' models stacked for one vmapped step. Build a new one when the members change."""
+    """The members' models stacked for one fused step. Build a new one when the members change.
 
-    def __init__(self, models: Sequence[nn.Module]) -> None:
-        self.models = list(models)
+    form: "vmap" (torch.func over the template above: any model) or "wide" (wide.py: the layers written
+    out, half vmap's time on an H100, for models of the layers it knows; raises ValueError otherwise)."""
+
+    def __init__(self, models: Sequence[nn.Module], form: str = "vmap") -> None:
+        self.models, self.form = list(models), form
         _check_alike(self.models)
-        self.feed = _Feed()
-        self.template, self.dropout_names, kinds = _template(self.models, self.feed)
-        self.kinds = kinds.to(next(self.models[0].parameters()).device)
+        # the template first: a copy of member 0 made before its tensors become views of the group's buffers
+        self.feed, self.wide = _Feed(), WideFeed(len(self.models))
+        if form == "wide":
+            self.template, self.dropout_names = wide_template(self.models, self.wide), []
+        else:
+            self.template, self.dropout_names, kinds = _template(self.models, self.feed)
+            self.kinds = kinds.to(next(self.models[0].parameters()).device)
+            self.rates = [{n: m.get_submodule(n).p for n in self.dropout_names} for m in self.models]
+            self._calls: dict[tuple[int, ...], list[tuple[str, tuple[int, ...]]]] = {}
         named = [dict(m.named_parameters()) for m in self.models]
         self.flat = FlatParams([{n: p for n, p in d.items() if p.requires_grad} for d in named])
         frozen = _stack([{n: p for n, p in d.items() if not p.requires_grad} for d in named])
         self.params = {n: self.flat.stacked.get(n, frozen.get(n)) for n in named[0]}
         self.buffers = _stack([dict(m.named_buffers()) for m in self.models])
-        self.rates = [{n: m.get_submodule(n).p for n in self.dropout_names} for m in self.models]
-        self._calls: dict[tuple[int, ...], list[tuple[str, tuple[int, ...]]]] = {}
+        self.wide.params, self.wide.buffers = self.params, self.buffers
         self.unused: list[str] = []  # trainable parameters the forward does not use (found by check)
 
     def forward(self, x: torch.Tensor, generators: Sequence[torch.Generator],
@@ -127,6 +131,12 @@ class StackedModels:
         """Logits [N, B, classes] of the members' inputs x [N, B, ...], or of one input x [B, ...] they all
         take (batched_input=False: each convolution then runs as one wider one); dropout drawn from each
         member's generator. buffers: others than the members' (a trial forward that leaves no statistics)."""
+        if self.form == "wide":
+            self.wide.buffers, self.wide.generators = self.buffers if buffers is None else buffers, generators
+            try:
+                return from_wide(self.template(to_wide(x, len(self.models), batched_input)), len(self.models))
+            finally:
+                self.wide.buffers, self.wide.generators = self.buffers, ()
         one_input = x if not batched_input else x[0]
         masks = self._masks(one_input, generators) if self.template.training else ()
 
@@ -184,7 +194,7 @@ class StackedModels:
         x: one member's input [B, ...]."""
         if not self.dropout_names:
             return ()
-        per_member = [[_dropout_mask(shape, rates[name], x.device, generator) for name, shape in self._dropout_calls(x)]
+        per_member = [[dropout_mask(shape, rates[name], x.device, generator) for name, shape in self._dropout_calls(x)]
                       for rates, generator in zip(self.rates, generators)]
         return tuple(torch.stack(call) for call in zip(*per_member))
 
@@ -203,16 +213,6 @@ class StackedModels:
             finally:
                 self.feed.calls = self.feed.kinds = None
         return self._calls[key]
-
-
-def _dropout_mask(shape: tuple[int, ...], p: float, device: torch.device, generator: torch.Generator) -> torch.Tensor:
-    """F.dropout's noise on the CPU, from the member's generator: p=0 and p=1 draw nothing, as there."""
-    if p == 0:
-        return torch.ones(shape, device=device)
-    if p == 1:
-        return torch.zeros(shape, device=device)
-    noise = torch.empty(shape, device=device).bernoulli_(1 - p, generator=generator)
-    return noise.div_(1 - p)
 
 
 def _stack(tensors: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """One epoch of a fused group's steps, two ways over the same members:
 
-    vmap   one wide forward and backward for all members (stacked.py), then one optimizer step for all
-           (optim.py): what pays on a GPU, where small models are launch-bound
+    fused  one wide forward and backward for all members (stacked.py: its layers written out, or vmap),
+           then one optimizer step for all (optim.py): what pays on a GPU, where small models are launch-bound
     loop   each member's own step in turn, as its lone run takes it: on a CPU, where fusing measured slower
            (benchmarks/results/fused_probe_cpu.md), the group still shares one process and its start-up
 
@@ -64,8 +64,9 @@ def loop_epoch(step: Stepper) -> list[float]:
     return seconds
 
 
-def vmap_epoch(step: Stepper, stacked: StackedModels, updates: Updates) -> None:
-    """One fused forward and backward per batch for all members, then one optimizer step for all (optim.py).
+def fused_epoch(step: Stepper, stacked: StackedModels, updates: Updates) -> None:
+    """One fused forward and backward per batch for all members (wide or vmap: stacked.py), then one
+    optimizer step for all (optim.py).
     Members that draw the same batches (one dataset, one seed, one position) draw them once; losses and
     counters are batched over the members: a step's Python and kernel launches hardly grow with N."""
     stacked.train()
