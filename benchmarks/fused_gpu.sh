@@ -1,7 +1,8 @@
 #!/bin/bash
 # The device check of fused sweeps (issue 17) on a lent GPU machine, from the repository root:
 #   the fused launcher's CUDA paths (LeNets differing in lr, activation and dropout vs their lone runs;
-#   a bf16 ResNet-20 group), one fused step's time and ops (benchmarks/fused_step.py), then benchmarks/sweep.py
+#   a bf16 ResNet-20 group; fuse=auto is the wide form there), one fused step's time and ops, alone vs vmap vs
+#   wide (benchmarks/fused_step.py), then benchmarks/sweep.py
 #   at CIFAR size. Pure-Python wheels the machine lacks
 #   (hydra-core, omegaconf, antlr4, torchinfo, hydra-joblib-launcher) travel in .whl/ (see the device notes).
 #   Env: DEV (cuda), FUSE (auto), N (training images, 50000), LONG (epochs of the long fused run, 20),
@@ -28,15 +29,14 @@ f, a, r = runs("fused"), runs("alone"), runs("resnet")
 print("fused", {k: (v["status"], v["device"], (v.get("fused_group") or {}).get("mode"), v.get("final_val_acc")) for k, v in f.items()})
 print("alone", {k: (v["status"], v.get("final_val_acc")) for k, v in a.items()})
 print("resnet", {k: (v["status"], v["precision"], (v.get("fused_group") or {}).get("mode")) for k, v in r.items()})
-assert len(f) == 8 and all(v["status"] == "completed" and v["fused_group"]["mode"] in ("wide", "vmap") for v in f.values())
+assert len(f) == 8 and all(v["status"] == "completed" and v["fused_group"]["mode"] == "wide" for v in f.values())
 assert len(r) == 2 and all(v["status"] == "completed" for v in r.values())
 print("max val acc diff fused vs alone", max(abs(f[k]["final_val_acc"] - a[k]["final_val_acc"]) for k in f))
 PY
 cp $S/fused/0_*/train.log $OUT/smoke_member_train.log 2>/dev/null
 fi
 [[ $STAGES == *step* ]] && \
-{ for o in sgd adam; do python3 -m benchmarks.fused_step --device $DEV --optimizer $o --steps 50; done
-  python3 -m benchmarks.fused_probe --device $DEV --steps 50; } 2>&1 | tee $OUT/fused_step.txt  # vmap vs grouped by hand
+{ for o in sgd adam; do python3 -m benchmarks.fused_step --device $DEV --optimizer $o --steps 50; done; } 2>&1 | tee $OUT/fused_step.txt
 [[ $STAGES == *bench* ]] && timeout ${BENCH_S:-470} python3 -m benchmarks.sweep --device $DEV --train-size ${N:-50000} --test-size 10000 --epochs 3 \
   --long-epochs ${LONG:-20} --jobs 4 --resnet-train-size ${RN:-${N:-50000}} --peak-tflops 989 --parts ${PARTS:-long,resnet,grid} --out $OUT --work /tmp/bw 2>&1 | tee $OUT/bench.log
 # every run's metrics.csv and summary.json, for the breakdown of the wall times (also after a time cap)
