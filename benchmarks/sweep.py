@@ -51,10 +51,14 @@ def extrapolate(result: dict, epochs: int) -> float:
     """The sweep's wall time had each run trained `epochs` epochs: its measured wall time plus, per run, the
     epochs it lacks at that run's mean epoch_seconds (training + validation; the first epoch, with its warm-up,
     left out of the mean when there are more). Per-epoch test scoring is not added, so the estimate is low."""
-    extra = 0.0
-    for path in sorted(Path(result["dir"]).glob("*/metrics.csv")):
+    extra, runs = 0.0, sorted(Path(result["dir"]).glob("*/metrics.csv"))
+    if len(runs) != len(result["runs"]):
+        raise ValueError(f"{result['name']}: {len(result['runs'])} runs, {len(runs)} with metrics: cannot extrapolate")
+    for path in runs:
         with path.open() as f:
             times = [float(row["epoch_seconds"]) for row in csv.DictReader(f)]
+        if not times:
+            raise ValueError(f"{path} has no epochs: cannot extrapolate")
         steady = times[1:] or times
         extra += max(epochs - len(times), 0) * sum(steady) / len(steady)
     return result["seconds"] + extra
@@ -141,8 +145,12 @@ def _grid_rows(a: argparse.Namespace) -> list[str]:
             f"CIFAR-shaped synthetic data ({a.train_size} training images):", "",
             *table([alone, shared, fused], alone)]
     if a.long_epochs > a.epochs:
+        try:
+            estimate = f"{extrapolate(alone, a.long_epochs):.1f} s"
+        except ValueError as err:
+            estimate = f"n/a ({err})"
         rows += ["", f"One by one at {a.long_epochs} epochs per run, extrapolated from these one-by-one runs' own "
-                     f"epoch_seconds (`extrapolate`): {extrapolate(alone, a.long_epochs):.1f} s."]
+                     f"epoch_seconds (`extrapolate`): {estimate}."]
     return rows
 
 

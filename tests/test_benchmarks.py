@@ -125,3 +125,13 @@ def test_fused_step_benchmark_times_four_ways_and_counts_their_ops(capsys: pytes
     assert list(ops) == ["alone", "vmap", "vmap+fused", "wide+fused"]
     assert ops["vmap+fused"] < ops["vmap"] < ops["alone"]  # one optimizer step for all takes the most out
     assert ops["wide+fused"] < ops["vmap+fused"]  # without vmap's batching ops
+
+
+def test_fused_probe_benchmark_times_three_ways_that_reach_the_same_weights(capsys: pytest.CaptureFixture) -> None:
+    """benchmarks/fused_probe.py (the source of fused_probe_cpu.md and the H100 probe table): N LeNets one
+    after another, through vmap and grouped by hand; on the CPU both fused ways end at the sequential weights."""
+    from benchmarks.fused_probe import main as fused_probe
+    assert fused_probe(["--members", "2", "--batch", "4", "--steps", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == ["sequential", "vmap", "grouped"]
+    assert all(float(line.split()[-1]) < 1e-4 for line in lines[1:])  # worst relative weight difference

@@ -2,7 +2,7 @@
 after another (as FSDP's flat parameters, one row per model). Three views see the same memory:
 
     values[i, a:b]           member i's parameter `name` (a, b: its span), given to its own module as .data
-    stacked[name]            [N, *shape]: the leaf the vmapped forward takes, its .grad a view of grads
+    stacked[name]            [N, *shape]: the leaf the fused forward takes, its .grad a view of grads
     values, grads            [N, D]: what one fused optimizer step updates with per-member [N, 1] numbers
 
 So an optimizer step over all members and all parameters is a handful of whole-buffer ops (fused/optim.py),

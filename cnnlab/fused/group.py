@@ -97,9 +97,10 @@ def _train_part(part: list[Member], mode: str, router: MemberLogs, everyone: lis
             break
         went_on = _epoch(active, epoch, fused, router, everyone, stopped)
         if len(went_on) != len(active) and fused is not None:
+            form = fused.stacked.form
             fused.release()  # each member's tensors its own again; the group goes on without those that ended
             fused = None  # the old buffers go before the new ones are made
-            fused = _fused(went_on, mode) if went_on else None
+            fused = _fused(went_on, form) if went_on else None  # the form that ran: no retry of one refused
         for m in active:
             if m not in went_on and m.summary is None:  # ended (diverged, stuck, pruned), not failed or stopped
                 _end(m, router, everyone)
@@ -131,7 +132,7 @@ def _fused(members: list[Member], mode: str) -> Fused | None:
             fused = _stacked(members, form)
         except Exception as err:  # noqa: BLE001 - whatever a form refuses, the members still train
             log.warning("this model cannot be fused %s (%s: %s); %s", _HOW[form], type(err).__name__,
-                        str(err).splitlines()[0][:300], "trying torch.func.vmap" if form == "wide" else
+                        (str(err).splitlines() or [""])[0][:300], "trying torch.func.vmap" if form == "wide" else
                         "the group's members step one after another instead (hydra.launcher.fuse=loop)")
             continue
         _record_mode(members, form)
@@ -145,13 +146,15 @@ _HOW = {"wide": "layer by layer (hydra.launcher.fuse=wide)", "vmap": "with torch
 
 def _stacked(members: list[Member], form: str) -> Fused:
     """The members stacked in one form, checked against their own models, their optimizers fused."""
-    stacked = StackedModels([m.state.model for m in members], form)
+    stacked = None
     try:
+        stacked = StackedModels([m.state.model for m in members], form)
         probe = torch.stack([m.state.ctx.inputs(m.state.probe.images, train=False) for m in members])  # no draws
         stacked.check(probe, members[0].state.ctx)
         return Fused(stacked, member_updates(stacked.flat, [m.state for m in members], stacked.unused))
     except BaseException:
-        stacked.release()
+        if stacked is not None:
+            stacked.release()
         raise
 
 

@@ -8,13 +8,15 @@ from torch import nn
 ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.GELU)
 
 
-def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device, generator: torch.Generator) -> torch.Tensor:
-    """F.dropout's noise on the CPU, from the member's generator: p=0 and p=1 draw nothing, as there."""
+def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device, generator: torch.Generator,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """F.dropout's noise on the CPU, from the member's generator: p=0 and p=1 draw nothing, as there.
+    dtype: the activation's (a bf16 activation stays bf16; the draws are the same)."""
     if p == 0:
-        return torch.ones(shape, device=device)
+        return torch.ones(shape, device=device, dtype=dtype)
     if p == 1:
-        return torch.zeros(shape, device=device)
-    noise = torch.empty(shape, device=device).bernoulli_(1 - p, generator=generator)
+        return torch.zeros(shape, device=device, dtype=dtype)
+    noise = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1 - p, generator=generator)
     return noise.div_(1 - p)
 
 

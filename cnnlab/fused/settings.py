@@ -37,7 +37,7 @@ class FusedSettings:
 
     def mode_on(self, device_type: str) -> str:
         """The steps a group takes on this device: fuse=auto fuses on CUDA only, where it pays (on an H100
-        the wide form steps in half vmap's time; on a CPU fusing is compute-bound and no faster)."""
+        the hand-written fusion stepped in half vmap's time; on a CPU fusing is compute-bound and no faster)."""
         if self.fuse != "auto":
             return self.fuse
         return "wide" if device_type == "cuda" else "loop"

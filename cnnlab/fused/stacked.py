@@ -1,8 +1,10 @@
-"""N members' models as one wide model: torch.func's vmap over functional_call, whose batching rules
-turn each convolution into one grouped convolution and each linear layer into one batched matmul (the
-fusion HFTA writes out by hand, for every model family at once).
+"""N members' models as one wide model, in one of two forms: "wide" (wide.py: the fusion HFTA writes
+out by hand, layer by layer, for the layers it knows) or "vmap": torch.func's vmap over functional_call,
+whose batching rules turn each convolution into one grouped convolution and each linear layer into one
+batched matmul, for any model, at the cost of vmap's batching on every op. What follows is the vmap
+form's; the wide form's dropout and activations work alike (wide.py).
 
-The members' trainable parameters live in one [N, D] buffer (flat.py) that the vmapped forward sees as
+The members' trainable parameters live in one [N, D] buffer (flat.py) that the fused forward sees as
 one [N, ...] tensor per parameter; buffers and frozen parameters are stacked [N, ...] tensors. The
 members' own modules keep working on views of their rows, so a member's optimizer, scheduler, doctor,
 evaluation and checkpoints see a plain model of their own, and the group's optimizer step (optim.py)
@@ -104,9 +106,11 @@ class StackedModels:
     """The members' models stacked for one fused step. Build a new one when the members change.
 
     form: "vmap" (torch.func over the template above: any model) or "wide" (wide.py: the layers written
-    out, half vmap's time on an H100, for models of the layers it knows; raises ValueError otherwise)."""
+    out, without vmap's batching on every op, for models of the layers it knows; raises ValueError otherwise)."""
 
     def __init__(self, models: Sequence[nn.Module], form: str = "vmap") -> None:
+        if form not in ("vmap", "wide"):
+            raise ValueError(f"form={form!r}: the fused forms are vmap and wide")
         self.models, self.form = list(models), form
         _check_alike(self.models)
         # the template first: a copy of member 0 made before its tensors become views of the group's buffers
@@ -129,8 +133,8 @@ class StackedModels:
     def forward(self, x: torch.Tensor, generators: Sequence[torch.Generator],
                 buffers: dict[str, torch.Tensor] | None = None, batched_input: bool = True) -> torch.Tensor:
         """Logits [N, B, classes] of the members' inputs x [N, B, ...], or of one input x [B, ...] they all
-        take (batched_input=False: each convolution then runs as one wider one); dropout drawn from each
-        member's generator. buffers: others than the members' (a trial forward that leaves no statistics)."""
+        take (batched_input=False: vmap then runs the first convolution as one wider one; the wide form
+        repeats x for each member); dropout drawn from each member's generator. buffers: others than the members' (a trial forward that leaves no statistics)."""
         if self.form == "wide":
             self.wide.buffers, self.wide.generators = self.buffers if buffers is None else buffers, generators
             try:
@@ -151,14 +155,19 @@ class StackedModels:
             self.params, self.buffers if buffers is None else buffers, x, masks, self.kinds)
 
     def check(self, x: torch.Tensor, ctx: StepContext) -> None:
-        """A trial forward and backward on x [N, B, ...] that changes nothing but raises what vmap cannot run
-        (a user's model that draws random numbers itself, or calls .item()), and a comparison with each
-        member's own model: a layer the template does not follow per member (a user's own activation that
-        differs between members) gives other outputs, and the group must not train that way."""
+        """A trial forward and backward on x [N, B, ...] that changes nothing but raises what the form cannot
+        run (a user's model that draws random numbers itself, which would not be each member's own draws;
+        under vmap one that calls .item()), and a comparison with each member's own model: a layer the
+        template does not follow per member (a user's own activation that differs between members, code
+        that mixes the members' channels) gives other outputs, and the group must not train that way."""
         self.template.train()
+        rng = _global_rng(x.device)
         with ctx.autocast():
             out = self.forward(x, [torch.Generator(x.device) for _ in self.models],
                                {k: v.clone() for k, v in self.buffers.items()})
+        if not torch.equal(rng, _global_rng(x.device)):  # vmap refuses such draws itself (randomness="error")
+            raise ValueError("the model draws random numbers in its forward (F.dropout in its code, say), which "
+                             "would not be each member's own draws")
         leaves = list(self.flat.stacked.values())
         grads = torch.autograd.grad(out.float().sum(), leaves, allow_unused=True) if leaves else ()
         # a parameter the forward never uses gets no gradient alone, so its optimizer skips it (optim.py)
@@ -213,6 +222,10 @@ class StackedModels:
             finally:
                 self.feed.calls = self.feed.kinds = None
         return self._calls[key]
+
+
+def _global_rng(device: torch.device) -> torch.Tensor:
+    return torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device)
 
 
 def _stack(tensors: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -12,8 +12,10 @@ then already right as the model's own code calls it, and the layers with weights
                  shortcut) runs on each member's channels as a batch of their own
 
 It runs eagerly, and a step dispatches about the ops of one lone step: vmap adds its batching to each
-op, which in a launch-bound step of small models costs half the step (on an H100, 3.35 against 6.96 ms
-for 12 LeNets: benchmarks/results/fused_step_h100.md). A model whose code mixes channels (torch.cat
+op, which in a launch-bound step of small models is much of the step (on an H100 the same fusion
+written out for LeNet, benchmarks/fused_probe.py, took 3.35 ms per step of 12 members against 6.96 ms
+through vmap: benchmarks/results/fused_step_h100.md; on the CPU this module's step of the 12 LeNets
+dispatches 185 ops against vmap's 235). A model whose code mixes channels (torch.cat
 over channels, a cross-channel norm, a reshape by fixed sizes) fails here or gives other outputs than
 its own model: StackedModels.check finds both, and the group then runs through vmap.
 """
@@ -53,8 +55,8 @@ def _member_channels(x: torch.Tensor, n: int, channels: int, layer: str) -> None
 class WideConv2d(nn.Module):
     def __init__(self, conv: nn.Conv2d, name: str, feed: WideFeed) -> None:
         super().__init__()
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"{name}: padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"{name}: padding_mode={conv.padding_mode!r}")
         self.conv, self.name, self.feed = conv, name, feed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +78,7 @@ class WideLinear(nn.Module):
         if x.dim() != 2:
             raise ValueError(f"{self.name} got a {x.dim()}-d input; the wide form takes [batch, features]")
         _member_channels(x, n, in_features, self.name)
-        xs = x.view(x.shape[0], n, in_features).transpose(0, 1)  # [N, B, in]
+        xs = x.reshape(x.shape[0], n, in_features).transpose(0, 1)  # [N, B, in]
         weight = self.feed.params[f"{self.name}.weight"].transpose(1, 2)
         bias = self.feed.params.get(f"{self.name}.bias")
         out = torch.bmm(xs, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), xs, weight)
@@ -114,7 +116,7 @@ class WideDropout(nn.Module):
         if not self.training or not self.feed.generators:
             return x
         shape = (x.shape[0], x.shape[1] // self.feed.n, *x.shape[2:])  # one member's, as its own forward draws it
-        masks = [dropout_mask(shape, p, x.device, g) for p, g in zip(self.rates, self.feed.generators)]
+        masks = [dropout_mask(shape, p, x.device, g, x.dtype) for p, g in zip(self.rates, self.feed.generators)]
         return x * torch.stack(masks, 1).view_as(x)
 
 
@@ -159,6 +161,9 @@ def wide_template(models: Sequence[nn.Module], feed: WideFeed) -> nn.Module:
     """A copy of the first model with its weighted layers, dropout and differing activations made wide.
     Raises ValueError for a layer the wide form does not know (the group then runs through vmap)."""
     template = copy.deepcopy(models[0])
+    if any(True for _ in template.parameters(recurse=False)) or any(True for _ in template.buffers(recurse=False)):
+        raise ValueError(f"{type(template).__name__} has weights of its own, outside its layers: the wide form "
+                         f"cannot give each member its own")
     for name, module in list(template.named_modules()):
         if not name:
             continue
@@ -169,6 +174,8 @@ def wide_template(models: Sequence[nn.Module], feed: WideFeed) -> nn.Module:
             setattr(owner, leaf, wide)
         elif any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
             raise ValueError(f"{name} ({type(module).__name__}) has weights the wide form does not know")
+        elif isinstance(module, nn.modules.dropout._DropoutNd):  # Dropout2d, AlphaDropout: their own draws
+            raise ValueError(f"{name} ({type(module).__name__}) draws its own random numbers")
         elif not list(module.children()) and not isinstance(module, PER_CHANNEL):
             setattr(owner, leaf, WidePerMember(module, name, feed))
     return template
