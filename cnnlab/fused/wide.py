@@ -15,7 +15,7 @@ It runs eagerly, and a step dispatches about the ops of one lone step: vmap adds
 op, which in a launch-bound step of small models is much of the step (on an H100 the same fusion
 written out for LeNet, benchmarks/fused_probe.py, took 3.35 ms per step of 12 members against 6.96 ms
 through vmap: benchmarks/results/fused_step_h100.md; on the CPU this module's step of the 12 LeNets
-dispatches 185 ops against vmap's 235). A model whose code mixes channels (torch.cat
+dispatches 181 ops against vmap's 235). A model whose code mixes channels (torch.cat
 over channels, a cross-channel norm, a reshape by fixed sizes) fails here or gives other outputs than
 its own model: StackedModels.check finds both, and the group then runs through vmap.
 """
@@ -126,17 +126,18 @@ class WideActivation(nn.Module):
     def __init__(self, choices: Sequence[nn.Module], kinds: list[int], feed: WideFeed) -> None:
         super().__init__()
         self.choices, self.feed, self.kinds = nn.ModuleList(choices), feed, kinds
-        self.masks: dict[tuple[int, int, torch.device], torch.Tensor] = {}  # by layout: made once, on the device
+        # by layout, made once on the device: which channels take choice k (k >= 1)
+        self.masks: dict[tuple[int, int, torch.device], list[torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.shape[1], x.dim(), x.device)
         if key not in self.masks:
             per_channel = torch.tensor(self.kinds).repeat_interleave(x.shape[1] // self.feed.n)
-            self.masks[key] = per_channel.view(1, -1, *[1] * (x.dim() - 2)).to(x.device)
-        kind = self.masks[key]
+            kind = per_channel.view(1, -1, *[1] * (x.dim() - 2)).to(x.device)
+            self.masks[key] = [kind == k for k in range(1, len(self.choices))]
         out = self.choices[0](x)
-        for k, act in enumerate(self.choices[1:], 1):
-            out = torch.where(kind == k, act(x), out)
+        for takes, act in zip(self.masks[key], self.choices[1:]):
+            out = torch.where(takes, act(x), out)
         return out
 
 
