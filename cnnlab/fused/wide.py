@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -52,12 +53,19 @@ def _member_channels(x: torch.Tensor, n: int, channels: int, layer: str) -> None
                          f"model's code mixes the members' channels")
 
 
+def _settings(layer: nn.Module, *keys: str) -> SimpleNamespace:
+    """What a wide layer needs of the layer it stands in for, without that layer's weights (the members'
+    stacked rows are the weights; the copy's would take memory for nothing)."""
+    return SimpleNamespace(**{key: getattr(layer, key) for key in keys})
+
+
 class WideConv2d(nn.Module):
     def __init__(self, conv: nn.Conv2d, name: str, feed: WideFeed) -> None:
         super().__init__()
         if conv.padding_mode != "zeros":
             raise ValueError(f"{name}: padding_mode={conv.padding_mode!r}")
-        self.conv, self.name, self.feed = conv, name, feed
+        self.conv = _settings(conv, "in_channels", "out_channels", "stride", "padding", "dilation", "groups")
+        self.name, self.feed = name, feed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c, n = self.conv, self.feed.n
@@ -71,7 +79,7 @@ class WideConv2d(nn.Module):
 class WideLinear(nn.Module):
     def __init__(self, linear: nn.Linear, name: str, feed: WideFeed) -> None:
         super().__init__()
-        self.linear, self.name, self.feed = linear, name, feed
+        self.linear, self.name, self.feed = _settings(linear, "in_features", "out_features"), name, feed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, in_features = self.feed.n, self.linear.in_features
@@ -92,7 +100,7 @@ class WideBatchNorm(nn.Module):
         super().__init__()
         if norm.momentum is None:
             raise ValueError(f"{name}: momentum=None (a cumulative average per member)")
-        self.norm, self.name, self.feed = norm, name, feed
+        self.norm, self.name, self.feed = _settings(norm, "num_features", "momentum", "eps"), name, feed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm, name = self.norm, self.name
