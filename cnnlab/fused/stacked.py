@@ -134,7 +134,8 @@ class StackedModels:
                 buffers: dict[str, torch.Tensor] | None = None, batched_input: bool = True) -> torch.Tensor:
         """Logits [N, B, classes] of the members' inputs x [N, B, ...], or of one input x [B, ...] they all
         take (batched_input=False: vmap then runs the first convolution as one wider one; the wide form
-        repeats x for each member); dropout drawn from each member's generator. buffers: others than the members' (a trial forward that leaves no statistics)."""
+        repeats x for each member); dropout drawn from each member's generator. buffers: others than the
+        members' (a trial forward that leaves no statistics)."""
         if self.form == "wide":
             self.wide.buffers, self.wide.generators = self.buffers if buffers is None else buffers, generators
             try:
