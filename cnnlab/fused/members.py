@@ -2,6 +2,8 @@
 layers: which activations a group may choose per member, and F.dropout's draws from a member's generator."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -18,6 +20,15 @@ def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device, generat
         return torch.zeros(shape, device=device, dtype=dtype)
     noise = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1 - p, generator=generator)
     return noise.div_(1 - p)
+
+
+def each_its_own(choices: Sequence[nn.Module], x: torch.Tensor, takes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Every activation choice computed on x, each member keeping its own: takes[k - 1] is true where choice k
+    (k >= 1) applies, choice 0 elsewhere. The choices not taken get zero gradient, as alone."""
+    out = choices[0](x)
+    for take, act in zip(takes, choices[1:]):
+        out = torch.where(take, act(x), out)
+    return out
 
 
 def activation_kinds(models: list[nn.Module], name: str) -> tuple[list[nn.Module], list[int]] | None:

@@ -31,7 +31,7 @@ from torch.func import functional_call, vmap
 
 from cnnlab.engine import StepContext
 from cnnlab.fused.flat import FlatParams
-from cnnlab.fused.members import ACTIVATION_TYPES, activation_kinds, dropout_mask
+from cnnlab.fused.members import ACTIVATION_TYPES, activation_kinds, dropout_mask, each_its_own
 from cnnlab.fused.wide import WideFeed, from_wide, to_wide, wide_template
 
 
@@ -69,10 +69,8 @@ class _FedActivation(nn.Module):
         self.feed, self.site, self.choices = feed, site, nn.ModuleList(choices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.choices[0](x)
-        for kind, act in enumerate(self.choices[1:], 1):
-            out = torch.where(self.feed.kinds[self.site] == kind, act(x), out)
-        return out
+        kind = self.feed.kinds[self.site]
+        return each_its_own(self.choices, x, [kind == k for k in range(1, len(self.choices))])
 
 
 def _in_fp32(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cnnlab.fused.members import ACTIVATION_TYPES, activation_kinds, dropout_mask
+from cnnlab.fused.members import ACTIVATION_TYPES, activation_kinds, dropout_mask, each_its_own
 
 # layers that work on each channel alone: the model's own code may call them on the wide tensors
 PER_CHANNEL = (*ACTIVATION_TYPES, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
@@ -143,10 +143,7 @@ class WideActivation(nn.Module):
             per_channel = torch.tensor(self.kinds).repeat_interleave(x.shape[1] // self.feed.n)
             kind = per_channel.view(1, -1, *[1] * (x.dim() - 2)).to(x.device)
             self.masks[key] = [kind == k for k in range(1, len(self.choices))]
-        out = self.choices[0](x)
-        for takes, act in zip(self.masks[key], self.choices[1:]):
-            out = torch.where(takes, act(x), out)
-        return out
+        return each_its_own(self.choices, x, self.masks[key])
 
 
 class WidePerMember(nn.Module):
