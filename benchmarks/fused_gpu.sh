@@ -42,5 +42,7 @@ fi
 { for o in sgd adam; do python3 -m benchmarks.fused_step --device $DEV --optimizer $o --steps 50; done; } 2>&1 | tee $OUT/fused_step.txt
 [[ $STAGES == *bench* ]] && timeout ${BENCH_S:-470} python3 -m benchmarks.sweep --device $DEV --train-size ${N:-50000} --test-size 10000 --epochs 3 \
   --long-epochs ${LONG:-20} --jobs 4 --resnet-train-size ${RN:-${N:-50000}} --peak-tflops 989 --parts ${PARTS:-long,resnet,grid} --out $OUT --work /tmp/bw 2>&1 | tee $OUT/bench.log
-# every run's metrics.csv and summary.json, for the breakdown of the wall times (also after a time cap)
-[[ $STAGES == *bench* ]] && tar -czf $OUT/runs.tgz -C /tmp/bw --wildcards '*/metrics.csv' '*/summary.json' 2>/dev/null
+# every run's metrics.csv, summary.json and train.log, and each sweep's console (ms timestamps): where the time
+# went, also after a time cap
+[[ $STAGES == *bench* ]] && tar -czf $OUT/runs.tgz -C /tmp/bw --wildcards '*/metrics.csv' '*/summary.json' '*/train.log' \
+  '*/console.log' 2>/dev/null

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,19 +34,57 @@ def sweep(name: str, args: list[str], out: Path, timeout: float) -> dict[str, An
     """One sweep's command, timed; its runs' summaries."""
     sweep_dir = out / "".join(c if c.isalnum() else "_" for c in name)
     shutil.rmtree(sweep_dir, ignore_errors=True)  # a killed earlier benchmark's runs would be resumed, not timed
-    tic = time.perf_counter()
-    try:
-        done = subprocess.run([sys.executable, "-m", "cnnlab", "-m", *args, f"hydra.sweep.dir={sweep_dir}"],
-                              capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        error = done.stderr[-2000:] if done.returncode else None
-    except subprocess.TimeoutExpired:
-        error = f"timed out after {timeout:.0f} s"
+    sweep_dir.mkdir(parents=True)
+    started, tic = time.time(), time.perf_counter()
+    with (sweep_dir / "console.log").open("w") as console:  # with ms timestamps: breakdown() reads it
+        try:
+            done = subprocess.run([sys.executable, "-m", "cnnlab", "-m", *args, f"hydra.sweep.dir={sweep_dir}", MS_STAMPS],
+                                  stdout=console, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            error = _tail(sweep_dir / "console.log") if done.returncode else None
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {timeout:.0f} s"
     seconds = time.perf_counter() - tic
     runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary.json"))}
     statuses = sorted({r["status"] for r in runs.values()})
     print(f"{name}: {seconds:.1f} s, {len(runs)} runs {statuses}" + (f"\n{error}" if error else ""), flush=True)
-    return {"name": name, "seconds": seconds, "runs": runs, "error": error, "dir": sweep_dir}
+    return {"name": name, "seconds": seconds, "runs": runs, "error": error, "dir": sweep_dir, "started": started}
+
+
+MS_STAMPS = "hydra.job_logging.formatters.simple.format='[%(asctime)s.%(msecs)03d] %(message)s'"
+_STAMP = re.compile(r"\[(\d\d):(\d\d):(\d\d)\.(\d{3})\] (.*)")
+
+
+def _tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-2000:]
+
+
+def breakdown(result: dict) -> str:
+    """Where a one-group fused sweep's wall time went, from its console's ms timestamps and a member's
+    metrics.csv: start-up (process, configs, the members opened), the epochs (the fused steps, and the
+    members' validation, test scores, checkpoints and doctor), the members' ends (test score, plots), and
+    the sweep report with the exit."""
+    day = datetime.datetime.fromtimestamp(result["started"])
+    t0 = day.hour * 3600 + day.minute * 60 + day.second + day.microsecond / 1e6
+    stamps = []  # (seconds since the start, message)
+    for line in (Path(result["dir"]) / "console.log").read_text(errors="replace").splitlines():
+        found = _STAMP.search(line)
+        if found:
+            h, m, s, ms, text = found.groups()
+            stamps.append(((int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000 - t0) % 86400, text))
+    group = next((t for t, text in stamps if text.startswith("fused group of")), None)
+    epochs = [t for t, text in stamps if re.match(r"epoch \d+/\d+ ", text)]
+    runs = sorted(Path(result["dir"]).glob("*/metrics.csv"))
+    if group is None or not epochs or not runs:
+        return "n/a (no fused group's epochs in its console log)"
+    size = json.loads((runs[0].parent / "summary.json").read_text())["train_size"]
+    with runs[0].open() as f:
+        steps = sum(size / float(row["images_per_second"]) for row in csv.DictReader(f) if row["images_per_second"])
+    span = epochs[-1] - group
+    return (f"start-up {group:.1f} s (process, configs, members opened); epochs {span:.1f} s, of which the fused steps "
+            f"{steps:.1f} s and the members' validation, test scores, checkpoints and doctor {span - steps:.1f} s; "
+            f"the members' ends (test score, plots) {stamps[-1][0] - epochs[-1]:.1f} s; the sweep report and exit "
+            f"{result['seconds'] - stamps[-1][0]:.1f} s")
 
 
 def extrapolate(result: dict, epochs: int) -> float:
@@ -143,7 +183,7 @@ def _grid_rows(a: argparse.Namespace) -> list[str]:
     alone = sweep("one by one", grid, a.work, a.timeout)
     rows = [f"The 12-run LeNet grid (`+experiment=lenet_grid`: lr x activation x loss), {a.epochs} epochs per run on "
             f"CIFAR-shaped synthetic data ({a.train_size} training images):", "",
-            *table([alone, shared, fused], alone)]
+            *table([alone, shared, fused], alone), "", f"Where the fused sweep's time went: {breakdown(fused)}."]
     if a.long_epochs > a.epochs:
         try:
             estimate = f"{extrapolate(alone, a.long_epochs):.1f} s"
@@ -159,7 +199,8 @@ def _long_rows(a: argparse.Namespace) -> list[str]:
         return []
     long = sweep(f"fused, {a.long_epochs} epochs", [*grid_args(a, a.long_epochs), "hydra/launcher=fused"], a.work, a.timeout)
     return [f"The fused grid at {a.long_epochs} epochs per run: {long['seconds']:.1f} s wall time, "
-            f"{sum(s['status'] == 'completed' for s in long['runs'].values())} of {len(long['runs'])} runs completed."]
+            f"{sum(s['status'] == 'completed' for s in long['runs'].values())} of {len(long['runs'])} runs completed. "
+            f"Where the time went: {breakdown(long)}."]
 
 
 def _resnet_rows(a: argparse.Namespace) -> list[str]:

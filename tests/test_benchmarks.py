@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -103,7 +104,7 @@ def test_compile_flag_trains_a_run_with_eager_checkpoints(tmp_path: Path) -> Non
 def test_sweep_benchmark_times_a_sweep_and_tables_it_against_one_by_one(tmp_path: Path) -> None:
     """benchmarks/sweep.py's pieces on two tiny sweeps: each a real command, its runs read back, the table
     comparing them (wall time ratio, agreement of the results) and the fused group's throughput."""
-    from benchmarks.sweep import sweep, table, throughput
+    from benchmarks.sweep import breakdown, sweep, table, throughput
 
     jobs = ["+debug=smoke", "trainer.epochs=1", "optimizer.lr=0.1,0.05"]
     alone = sweep("one by one", jobs, tmp_path, timeout=300)
@@ -115,6 +116,12 @@ def test_sweep_benchmark_times_a_sweep_and_tables_it_against_one_by_one(tmp_path
     assert rows[3].startswith("| fused | 2 of 2 |") and rows[3].endswith("| 0.0000 |")  # loop on the CPU: equal results
     images = sum(r["train_size"] for r in fused["runs"].values())  # 1 epoch each; in a loop each its own time
     assert throughput(fused) == pytest.approx(images / sum(r["train_seconds"] for r in fused["runs"].values()))
+    # the console is kept, with ms timestamps, and the fused sweep's wall time is broken down from it
+    assert re.search(r"^\[\d\d:\d\d:\d\d\.\d{3}\] ", (fused["dir"] / "console.log").read_text(), re.M)
+    parts = [float(x) for x in re.findall(r"([\d.]+) s", breakdown(fused))]
+    start, epochs, steps, _, ends, report = parts  # the epochs hold the steps and the epochs' ends
+    assert min(parts) >= 0 and steps <= epochs and start + epochs + ends + report == pytest.approx(fused["seconds"], abs=0.2)
+    assert breakdown(alone).startswith("n/a")
 
 
 def test_fused_step_benchmark_times_four_ways_and_counts_their_ops(capsys: pytest.CaptureFixture) -> None:
