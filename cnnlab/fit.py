@@ -82,7 +82,8 @@ def opened_run(run: RunConfig, run_dir: Path, overrides: list[str], record: RunR
     """The run set up (and resumed) for its epochs, which the caller trains: fit(), or the fused launcher
     for each member of a group. A failure inside is recorded in summary.json; trackers close at the end.
     shared: what runs opened before loaded: the datasets read (by config) and placed (by config and seed),
-    so a fused group reads its files once and places them once per seed."""
+    so a fused group reads its files once and places them once per seed; and under "reserved", the bytes
+    the group's training steps will take on the device, which its data must leave free."""
     configure_determinism(run.trainer.deterministic)
     if run.trainer.num_threads:
         torch.set_num_threads(run.trainer.num_threads)
@@ -125,7 +126,8 @@ def _setup(run: RunConfig, prep: Prepared, run_dir: Path, record: RunRecord, tra
     placed = shared.setdefault("placed", {})
     if key not in placed:
         loaded = load_dataset(run.dataset, seed=t.seed, read=shared.setdefault("read", {}))
-        placed[key] = loaded, place_data(loaded, run.dataset.loader, run.dataset.num_workers, prep.device, world)
+        placed[key] = loaded, place_data(loaded, run.dataset.loader, run.dataset.num_workers, prep.device, world,
+                                         shared.get("reserved", 0.0))
     loaded, data = placed[key]
     spec, device = loaded.spec, prep.device  # spec: the class names the files name
     log.info("data %s: %d train / %d val / %d test images, %d classes, %s%s", spec.name, len(loaded.train),

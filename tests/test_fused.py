@@ -389,6 +389,26 @@ def test_groups_are_capped_by_size_and_by_memory(tmp_path: Path, setting: str, g
             assert found[job] == ({"group": group[0], "jobs": group, "mode": "loop"} if len(group) > 1 else None)
 
 
+def test_a_groups_data_leaves_its_training_steps_their_memory(tmp_path: Path) -> None:
+    """dataset.loader=auto places a member's image files on the device only in what the group's training steps,
+    by the launcher's estimate, leave free."""
+    from cnnlab.build import training_step_bytes
+    from cnnlab.memory import gigabytes
+    from test_folders import make_folder
+
+    root = make_folder(tmp_path / "images", {"train": {"a": 6, "b": 6}, "test": {"a": 2, "b": 2}}, size=(16, 16))
+    data = ("dataset=image_folder", f"dataset.root={root}", "dataset.val_split=0.25", "model=lenet", "trainer.epochs=1",
+            "trainer.batch_size=4", "trainer.device=cpu")
+    sweep = tmp_path / "sweep"
+    done = run_cnnlab("-m", *data, "optimizer.lr=0.1,0.05", "hydra/launcher=fused", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, need = training_step_bytes(validate(compose_config(*data)))
+    for job in sorted(sweep.glob("[01]_*")):
+        assert summary(job)["status"] == "completed" and summary(job)["loader"] == "resident"
+    log = (sweep / "0_lr-0.1" / "train.log").read_text()
+    assert f"free on cpu, {gigabytes(2 * need)} of it kept for the fused group's training steps)" in log
+
+
 def test_a_search_fuses_each_batch_of_trials(tmp_path: Path) -> None:
     """hydra/sweeper=optuna asks n_jobs trials at a time; the fused launcher trains each batch as a group."""
     sweep = tmp_path / "sweep"
@@ -427,5 +447,5 @@ def test_a_signal_while_a_group_opens_its_jobs_stops_opening_the_rest(monkeypatc
 
     monkeypatch.setattr(launcher, "_run", run)
     configs = [OmegaConf.create({"hydra": {"job": {"num": i}}}) for i in range(3)]
-    launcher._fused(FusedSettings(), None, None, configs, [0, 1, 2], {"group": 0, "jobs": [0, 1, 2]})
+    launcher._fused(FusedSettings(), None, None, configs, [0, 1, 2], {"group": 0, "jobs": [0, 1, 2]}, 0.0)
     assert calls == [("open", 0), ("train", 0)]

@@ -118,6 +118,9 @@ def test_auto_loader_streams_when_the_data_exceeds_the_memory_budget(monkeypatch
     assert choose_loader("auto", [files, None], cpu) == "resident"  # 12.3 MB <= half of 100 MB
     monkeypatch.setattr(batches, "_free_memory", lambda device: 20e6)
     assert choose_loader("auto", [files, None], cpu) == "streaming"  # 12.3 MB > half of 20 MB
+    monkeypatch.setattr(batches, "_free_memory", lambda device: 100e6)
+    # a fused group's training steps keep 80 MB: 12.3 MB > half of the 20 MB left
+    assert choose_loader("auto", [files, None], cpu, reserved=80e6) == "streaming"
     assert batches._free_memory(cpu) > 0  # the real probe reads this host's available memory
 
 

@@ -19,7 +19,7 @@ import torch
 from cnnlab.data.datasets import DataBundle
 from cnnlab.data.splits import FileSplit, Split
 from cnnlab.distributed import World
-from cnnlab.memory import available_bytes
+from cnnlab.memory import available_bytes, gigabytes
 
 log = logging.getLogger("cnnlab")
 
@@ -148,18 +148,20 @@ def _free_memory(device: torch.device) -> float:
     return available_bytes(device)
 
 
-def choose_loader(choice: str, splits: list[AnySplit | None], device: torch.device) -> str:
+def choose_loader(choice: str, splits: list[AnySplit | None], device: torch.device, reserved: float = 0.0) -> str:
     """dataset.loader=auto: resident when the uint8 splits fit in RESIDENT_FRACTION of the
-    device's free memory, else streaming. Tensors already in RAM on a CPU run stay resident."""
+    device's free memory, less `reserved` bytes that others will take (a fused group's training steps),
+    else streaming. Tensors already in RAM on a CPU run stay resident."""
     if choice != "auto":
         return choice
     present = [s for s in splits if s is not None]
     if device.type == "cpu" and all(s.resident for s in present):
         return "resident"
     need, free = sum(s.nbytes for s in present), _free_memory(device)
-    loader = "resident" if need <= RESIDENT_FRACTION * free else "streaming"
-    log.info("dataset.loader=auto: %s (the data is %.2f GB as uint8, %.2f GB free on %s)", loader, need / 1e9,
-             free / 1e9, device)
+    loader = "resident" if need <= RESIDENT_FRACTION * (free - reserved) else "streaming"
+    kept = f", {gigabytes(reserved)} of it kept for the fused group's training steps" if reserved else ""
+    log.info("dataset.loader=auto: %s (the data is %.2f GB as uint8, %.2f GB free on %s%s)", loader, need / 1e9,
+             free / 1e9, device, kept)
     return loader
 
 
@@ -216,9 +218,10 @@ class RunData:
                                 generator=generator, world=world)
 
 
-def place_data(data: DataBundle, choice: str, num_workers: int | None, device: torch.device, world: World) -> RunData:
-    """dataset.loader and dataset.num_workers applied to a loaded dataset."""
-    loader = choose_loader(choice, [data.train, data.val, data.test], device)
+def place_data(data: DataBundle, choice: str, num_workers: int | None, device: torch.device, world: World,
+               reserved: float = 0.0) -> RunData:
+    """dataset.loader and dataset.num_workers applied to a loaded dataset; reserved: see choose_loader."""
+    loader = choose_loader(choice, [data.train, data.val, data.test], device, reserved)
     workers = stream_workers(num_workers, data.train)
     splits = (data.train, data.val, data.test)
     if loader == "resident":

@@ -43,7 +43,7 @@ def launch(settings: FusedSettings, context: HydraContext, task: TaskFunction, c
                                             settings.max_members)
               for part in _by_memory(group, configs, settings)]
     returns: dict[int, JobReturn] = {}
-    for number, group in enumerate(groups):
+    for number, (group, reserved) in enumerate(groups):
         jobs = [first + i for i in group]
         log.info("fused launcher: group %d of %d: job%s %s", number + 1, len(groups), "s" * (len(jobs) > 1),
                  ", ".join(f"#{j} {' '.join(filter_overrides(job_overrides[j - first]))}" for j in jobs))
@@ -51,18 +51,19 @@ def launch(settings: FusedSettings, context: HydraContext, task: TaskFunction, c
             returns[group[0]] = _run(context, task, configs[group[0]])
         else:
             # a group is named by its first job, unique in the sweep (a search launches its trials in batches)
-            returns.update(_fused(settings, context, task, configs, group, {"group": jobs[0], "jobs": jobs}))
+            returns.update(_fused(settings, context, task, configs, group, {"group": jobs[0], "jobs": jobs}, reserved))
         if any(_stopped(r) for r in returns.values()):
             break  # a signal stopped the sweep: what is left runs when the command is run again
     return [returns[i] for i in sorted(returns)]
 
 
 def _fused(settings: FusedSettings, context: HydraContext, task: TaskFunction, configs: list[DictConfig],
-           group: list[int], describe: dict[str, Any]) -> dict[int, JobReturn]:
-    """A group's jobs: each opened through run_job, then all trained on the first one's second run_job."""
+           group: list[int], describe: dict[str, Any], reserved: float) -> dict[int, JobReturn]:
+    """A group's jobs: each opened through run_job, then all trained on the first one's second run_job.
+    reserved: the bytes the group's training steps take, by estimate, which its members' data leave free."""
     returns: dict[int, JobReturn] = {}
     with GracefulStop() as stop:  # one for the group: a signal checkpoints every member
-        session = Session(settings, describe, stop)
+        session = Session(settings, describe, stop, reserved)
         with active(session):
             for index in group:
                 if stop.requested() and session.members:  # a signal: those not yet opened run on the next command
@@ -88,19 +89,20 @@ def _stopped(ret: JobReturn) -> bool:
     return ret.status == JobStatus.FAILED and isinstance(ret._return_value, (Interrupted, KeyboardInterrupt))
 
 
-def _by_memory(group: list[int], configs: list[DictConfig], settings: FusedSettings) -> list[list[int]]:
-    """The group split so that each part's training steps fit memory_fraction of the device's free memory."""
+def _by_memory(group: list[int], configs: list[DictConfig], settings: FusedSettings) -> list[tuple[list[int], float]]:
+    """The group split so that each part's training steps fit memory_fraction of the device's free memory;
+    with each part the bytes its steps take, by estimate (0 where not known)."""
     if len(group) == 1:
-        return [group]
+        return [(group, 0.0)]
     try:
         job = configs[group[0]]
         run = validate(OmegaConf.create({k: job[k] for k in job if k != "hydra"}))  # its own keys, not Hydra's
         _, need = training_step_bytes(run)
         free = available_bytes(select_device(run.trainer.device)) * settings.memory_fraction
     except Exception:  # noqa: BLE001 - a config that does not build: the jobs themselves report what is wrong
-        return [group]
+        return [(group, 0.0)]
     fits = max(1, math.floor(free / need)) if need > 0 and math.isfinite(free) else len(group)
     if fits < len(group):
         log.info("fused launcher: a member's training step takes about %s and %s may be used, so groups of at most %d",
                  gigabytes(need), gigabytes(free), fits)
-    return [group[i:i + fits] for i in range(0, len(group), fits)]
+    return [(group[i:i + fits], need * len(group[i:i + fits])) for i in range(0, len(group), fits)]

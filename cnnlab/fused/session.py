@@ -31,10 +31,12 @@ _SESSION: ContextVar[Session | None] = ContextVar("cnnlab_fused_session", defaul
 class Session:
     """One group's members, joined one job at a time, then trained together once."""
 
-    def __init__(self, settings: FusedSettings, describe: dict[str, Any], stop: GracefulStop) -> None:
+    def __init__(self, settings: FusedSettings, describe: dict[str, Any], stop: GracefulStop, reserved: float = 0.0) -> None:
         self.settings, self.describe, self.stop = settings, describe, stop
         self.members: dict[int, Member] = {}
-        self.shared: dict[str, Any] = {}  # what the members load once: the dataset read, its splits placed (fit.opened_run)
+        # what the members load once (the dataset read, its splits placed), and the device memory their data must
+        # leave to the group's steps (fit.opened_run)
+        self.shared: dict[str, Any] = {"reserved": reserved}
         self.training = False
         self._trained = False
 
