@@ -11,7 +11,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.utils import make_grid
 
 from cnnlab.checks import ConfigError
 from cnnlab.data.splits import Split
@@ -53,6 +52,8 @@ def _mosaic(image: np.ndarray, maps: np.ndarray) -> np.ndarray:
     """One RGB tile grid: the input image first, then each channel map (own min-max, viridis).
 
     torchvision's make_grid lays the tiles out (a square-ish grid, white gaps)."""
+    from torchvision.utils import make_grid  # imported only here: torchvision's import pulls in torch._dynamo (~1 s)
+
     h = image.shape[0]
     cmap = matplotlib.colormaps["viridis"]
     tiles = [image]
