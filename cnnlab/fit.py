@@ -40,6 +40,7 @@ from cnnlab.engine import EpochState, Evaluation, evaluate, run_steps
 from cnnlab.interrupt import GracefulStop, Interrupted
 from cnnlab.optim import build_optimizer, build_scheduler
 from cnnlab.record import RunRecord, Summary, claim
+from cnnlab.report.drawing import Drawing
 from cnnlab.resume import check_epochs, restore, resume_point, trim_metrics
 from cnnlab.search.trial import EpochJudge
 from cnnlab.trackers import Trackers, open_trackers
@@ -353,9 +354,11 @@ def _examine(s: TrainState, epoch: int, train_loss: float, val: Evaluation | Non
 # ------------------------------------------------------------------------------- finish
 
 
-def finish(s: TrainState) -> None:
-    """The test set, scored once with the weights that were best on validation; the run's plots."""
-    t, feature_maps = s.run.trainer, None
+def finish(s: TrainState, draw: Drawing | None = None) -> None:
+    """The test set, scored once with the weights that were best on validation; the run's plots, drawn by
+    `draw` (at once by default; a fused group's members that end together side by side, and each is recorded
+    finished by draw.wait(), once its figures are written)."""
+    t, feature_maps, draw = s.run.trainer, None, draw or Drawing()
     if s.best_epoch:
         distributed.barrier()  # rank 0 has written best.pt
         weights, epoch = _best_weights(s)
@@ -365,15 +368,15 @@ def finish(s: TrainState) -> None:
         log.info("test (epoch %d weights): loss %.4f  accuracy %.2f%%", epoch, result.loss, 100 * result.acc)
         log.info("%s", report.per_class_text(result.confusion, s.spec.classes))
         if s.world.is_main:
-            report.write_confusion(s.run_dir, result.confusion, s.spec.classes)
+            draw(report.write_confusion, s.run_dir, result.confusion, s.spec.classes)
             if s.prep.viz_layer:
                 panels = head(s.data.test, s.run.viz.num_images, s.device)
                 feature_maps = viz.draw_feature_maps(s.run_dir / "feature_maps.png", s.model, s.prep.viz_layer,
                                                      panels, s.ctx, s.spec.classes, s.run.viz.channels, s.run.model.label())
     if s.world.is_main:
-        report.plot_curves(s.run_dir, f"{s.run.model.label()} on {s.spec.name}", s.run.viz.curves == "error",
-                           s.best_epoch if s.run.trainer.test_every_epoch else None)
-    s.record.finished(feature_maps)
+        draw(report.plot_curves, s.run_dir, f"{s.run.model.label()} on {s.spec.name}", s.run.viz.curves == "error",
+             s.best_epoch if s.run.trainer.test_every_epoch else None)
+    draw.after(s.record.finished, feature_maps)
 
 
 def _best_weights(s: TrainState) -> tuple[dict[str, torch.Tensor], int]:

@@ -233,3 +233,73 @@ def test_stuck_runs_are_a_column_and_a_section(tmp_path: Path) -> None:
     assert "- **completed** lr=0.1 (job 0): vgg11 (no batch norm): it gives every image the same output" in markdown
     assert "| stuck   |" in markdown.split("## ")[0]  # the ranked table has the column, before the sections
     assert len(report.table) == 2
+
+
+# ------------------------------------------------------------------------------- figures side by side
+
+
+def _two_runs(tmp_path: Path) -> list[Path]:
+    runs = [make_run(tmp_path / "runs", f"{i}", lr=0.1, activation="relu",
+                     epochs=curve([1.6, 1.0], [0.5, 0.7], [1.5, 1.0], [0.45, 0.6])) for i in range(2)]
+    return runs
+
+
+def _draw_run(draw, run: Path) -> None:
+    import numpy as np
+    from cnnlab.report import plot_curves, write_confusion
+
+    draw(write_confusion, run, np.arange(9).reshape(3, 3), ["a", "b", "c"])
+    draw(plot_curves, run, "title", False, 2)
+
+
+def test_runs_that_end_together_draw_side_by_side_the_files_they_draw_alone(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fused group's members that end together send their figures to child processes: the same bytes as drawn
+    at once; one run's failed figure is that run's error alone; each is finished only once its files are there."""
+    import os
+
+    from cnnlab.report import drawing, plot_curves
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)  # children even on a 1-core runner
+    alone, together = _two_runs(tmp_path / "alone"), _two_runs(tmp_path / "together")
+    for run in alone:
+        _draw_run(drawing.Drawing(), run)
+    finished = []
+    with drawing.side_by_side(5) as drawings:
+        draws = [drawings() for _ in range(3)]
+        assert all(d.batch is not None for d in draws) and draws[0].batch.children == 4
+        for draw, run in zip(draws, together):
+            _draw_run(draw, run)
+            draw.after(lambda run=run: finished.append((run, sorted(p.name for p in run.glob("*.png")))))
+        draws[2](plot_curves, tmp_path / "nowhere", "title", False, None)  # no metrics.csv there
+        draws[2].after(finished.append, "never")
+        assert finished == []  # nothing is drawn before the first wait
+        for draw in draws[:2]:
+            draw.wait()
+        with pytest.raises(FileNotFoundError, match="nowhere"):
+            draws[2].wait()
+        outcomes = draws[0].batch.outcomes
+        assert outcomes[:4] == [None] * 4 and isinstance(outcomes[4], FileNotFoundError)  # drawn by the children
+    assert finished == [(run, ["confusion_matrix.png", "curves.png"]) for run in together]
+    for a, b in zip(alone, together):
+        for name in ("confusion_matrix.png", "curves.png", "confusion_matrix.csv", "per_class_accuracy.csv"):
+            assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def test_figures_a_child_could_not_draw_are_drawn_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from cnnlab.report import drawing
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(drawing, "CHILD", "import sys; sys.exit(3)")  # a child that dies at once
+    runs = _two_runs(tmp_path)
+    with drawing.side_by_side(4) as drawings:
+        draws = [drawings() for _ in runs]
+        for draw, run in zip(draws, runs):
+            _draw_run(draw, run)
+        for draw in draws:
+            draw.wait()
+    assert all((run / name).read_bytes().startswith(PNG_MAGIC) for run in runs for name in ("confusion_matrix.png", "curves.png"))
+    with drawing.side_by_side(1) as drawings:  # one figure: drawn at once, no child
+        assert drawings().batch is None

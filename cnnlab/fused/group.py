@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from cnnlab.fused.stacked import StackedModels
 from cnnlab.fused.steps import Stepper, fused_epoch, loop_epoch, member_rng
 from cnnlab.interrupt import GracefulStop, Interrupted
 from cnnlab.record import RunRecord, Summary, claim
+from cnnlab.report.drawing import side_by_side
 from cnnlab.search.trial import EpochJudge
 from cnnlab.trainstate import TrainState
 
@@ -103,12 +105,11 @@ def _train_part(part: list[Member], mode: str, router: MemberLogs, everyone: lis
             fused = _fused(went_on, form) if went_on else None  # the form that ran: no retry of one refused
         for m in active:
             if m not in went_on and m.summary is None:  # ended (diverged, stuck, pruned), not failed or stopped
-                _end(m, router, everyone)
+                _end([m], router, everyone)
         active = went_on
     if fused is not None:
         fused.release()
-    for m in active:
-        _end(m, router, everyone)
+    _end(active, router, everyone)
 
 
 @dataclass
@@ -190,13 +191,25 @@ def _epoch(active: list[Member], epoch: int, fused: Fused | None, router: Member
     return went_on
 
 
-def _end(m: Member, router: MemberLogs, everyone: list[Member]) -> None:
-    """A member's last phase (its test score and plots), then its run is closed, failed or not."""
+def _end(members: list[Member], router: MemberLogs, everyone: list[Member]) -> None:
+    """The members' last phase (test score and plots), then each run is closed, failed or not. Members that
+    end together draw their figures side by side in worker processes (report/drawing.py), and each is
+    recorded finished once its own are written."""
+    with side_by_side(2 * len(members)) as drawings:  # a run's confusion matrix and curves
+        begun = [(m, drawings()) for m in members]
+        begun = [(m, draw) for m, draw in begun if _as_member(m, router, everyone, fit.finish, m.state, draw)]
+        for m, draw in begun:
+            if _as_member(m, router, everyone, draw.wait):
+                m.close()
+
+
+def _as_member(m: Member, router: MemberLogs, everyone: list[Member], fn: Callable[..., Any], *args: Any) -> bool:
+    """fn(*args) with the member's log and RNG; False, the member failed and closed, where it raises."""
     try:
         with router.about(everyone.index(m)), member_rng(m.generator):
-            fit.finish(m.state)
+            fn(*args)
     except Exception as err:
         log.exception("%s failed", m.tag)
         m.close(err)
-        return
-    m.close()
+        return False
+    return True

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 # Figures are made with matplotlib's object API, never pyplot: no backend is chosen or changed, so the
 # files are written headless (servers, CI) and a notebook's own inline plotting is left as it was.
@@ -12,7 +12,8 @@ from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
 
-from cnnlab.record import Summary
+if TYPE_CHECKING:  # not imported at run time: worker processes that draw figures (report/drawing.py) start without torch
+    from cnnlab.record import Summary
 
 METRIC_COLUMNS = (
     "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second",
