@@ -1,8 +1,9 @@
 #!/bin/bash
 # The device check of fused sweeps (issue 17) on a lent GPU machine, from the repository root:
 #   the fused launcher's CUDA paths (LeNets differing in lr, activation and dropout vs their lone runs;
-#   a bf16 ResNet-20 group; fuse=auto is the wide form there), one fused step's time and ops, alone vs vmap vs
-#   wide (benchmarks/fused_step.py), then benchmarks/sweep.py
+#   a bf16 ResNet-20 group; fuse=auto is the wide form there; LeNets without dropout through the captured
+#   CUDA graph vs the same group eager), one fused step's time and ops, alone vs vmap vs wide vs wide as a
+#   CUDA graph (benchmarks/fused_step.py), then benchmarks/sweep.py
 #   at CIFAR size. Pure-Python wheels the machine lacks
 #   (hydra-core, omegaconf, antlr4, torchinfo, hydra-joblib-launcher) travel in .whl/ (see the device notes).
 #   Env: DEV (cuda), FUSE (auto), N (training images, 50000), LONG (epochs of the long fused run, 20),
@@ -24,19 +25,29 @@ G="-m +debug=smoke trainer.device=$DEV optimizer.lr=0.1,0.05 model.activation=re
 python3 -m cnnlab $G hydra/launcher=fused hydra.launcher.fuse=${FUSE:-auto} hydra.sweep.dir=$S/fused > $S/fused.log 2>&1; echo "fused rc=$?"
 python3 -m cnnlab $G hydra.sweep.dir=$S/alone > $S/alone.log 2>&1; echo "alone rc=$?"
 python3 -m cnnlab -m +debug=smoke trainer.device=$DEV model=resnet20 trainer.precision=bf16 trainer.seed=0,1 hydra/launcher=fused hydra.launcher.fuse=${FUSE:-auto} hydra.sweep.dir=$S/resnet > $S/resnet.log 2>&1; echo "resnet rc=$?"
+# without dropout the fused step is a CUDA graph (fused/graph.py): against the same group stepping eagerly
+Q="-m +debug=smoke trainer.device=$DEV dataset.train_size=3000 optimizer.lr=0.1,0.05 model.activation=relu,tanh loss=mse,cross_entropy hydra/launcher=fused"
+python3 -m cnnlab $Q hydra.sweep.dir=$S/graph > $S/graph.log 2>&1; echo "graph rc=$?"
+python3 -m cnnlab $Q hydra.launcher.cuda_graphs=false hydra.sweep.dir=$S/eager > $S/eager.log 2>&1; echo "eager rc=$?"
 python3 - <<'PY' || { tail -n 30 $S/*.log; exit 4; }
 import json, glob, os
 S = "/tmp/smoke"
 def runs(d): return {os.path.basename(os.path.dirname(p)): json.load(open(p)) for p in glob.glob(f"{S}/{d}/*/summary.json")}
-f, a, r = runs("fused"), runs("alone"), runs("resnet")
+f, a, r, g, e = runs("fused"), runs("alone"), runs("resnet"), runs("graph"), runs("eager")
 print("fused", {k: (v["status"], v["device"], (v.get("fused_group") or {}).get("mode"), v.get("final_val_acc")) for k, v in f.items()})
 print("alone", {k: (v["status"], v.get("final_val_acc")) for k, v in a.items()})
 print("resnet", {k: (v["status"], v["precision"], (v.get("fused_group") or {}).get("mode")) for k, v in r.items()})
+print("graph", {k: (v["status"], v["fused_group"], v.get("final_val_acc"), v.get("final_train_loss")) for k, v in g.items()})
+print("eager", {k: (v["status"], v["fused_group"], v.get("final_val_acc"), v.get("final_train_loss")) for k, v in e.items()})
 assert len(f) == 8 and all(v["status"] == "completed" and v["fused_group"]["mode"] == "wide" for v in f.values())
 assert len(r) == 2 and all(v["status"] == "completed" for v in r.values())
 print("max val acc diff fused vs alone", max(abs(f[k]["final_val_acc"] - a[k]["final_val_acc"]) for k in f))
+assert len(g) == 8 and all(v["status"] == "completed" and v["fused_group"]["graph"] for v in g.values())
+assert len(e) == 8 and not any(v["fused_group"]["graph"] for v in e.values())
+print("max val acc diff graph vs eager", max(abs(g[k]["final_val_acc"] - e[k]["final_val_acc"]) for k in g))
+print("max train loss rel diff graph vs eager", max(abs(g[k]["final_train_loss"] / e[k]["final_train_loss"] - 1) for k in g))
 PY
-cp $S/fused/0_*/train.log $OUT/smoke_member_train.log 2>/dev/null
+cp $S/fused/0_*/train.log $OUT/smoke_member_train.log 2>/dev/null; cp $S/graph/0_*/train.log $OUT/smoke_graph_train.log 2>/dev/null
 fi
 [[ $STAGES == *step* ]] && \
 { for o in sgd adam; do python3 -m benchmarks.fused_step --device $DEV --optimizer $o --steps 50; done; } 2>&1 | tee $OUT/fused_step.txt

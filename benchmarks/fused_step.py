@@ -1,4 +1,4 @@
-"""One training step of a fused group, as cnnlab's fused launcher takes it, four ways side by side:
+"""One training step of a fused group, as cnnlab's fused launcher takes it, five ways side by side:
 
     alone        each member's own step in turn (engine.train_step: what N jobs, or fuse=loop, do)
     vmap         one vmapped forward and backward (fused/stacked.py), then each member's own optimizer
@@ -6,10 +6,14 @@
     vmap+fused   the same forward and backward, then one optimizer step for all members (FusedSteps)
     wide+fused   the forward and backward with the layers written out (fused/wide.py, fuse=wide), then
                  one optimizer step for all
+    wide+graph   the same step captured once as a CUDA graph and replayed (fused/graph.py; on the CPU its
+                 captured function is called instead: the same ops, no gain there)
 
 on N LeNets of the lenet_grid kind: CIFAR-shaped input, each member its own lr, half sigmoid and half tanh,
 SGD with momentum or Adam, built as cnnlab builds them (on CUDA with torch's fused optimizer kernels). Prints ms per step of all N members, the ratio to `alone`, and the ops each
-step dispatches to the device (counted with a TorchDispatchMode): on a GPU each is a kernel launch.
+step dispatches to the device (counted with a TorchDispatchMode): on a GPU each is a kernel launch, but for
+wide+graph on CUDA only what the host still dispatches (the input's copy, the optimizer's numbers): the graph's
+kernels go in one launch.
 
     python -m benchmarks.fused_step [--members 12] [--batch 64] [--steps 20] [--rounds 5] [--optimizer sgd] [--fused-kernels] [--device cpu]
 """
@@ -26,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cnnlab.data.augment import Pipeline
 from cnnlab.engine import EpochState, StepContext, train_step
+from cnnlab.fused.graph import GraphedSteps
 from cnnlab.fused.optim import FusedSteps, MemberSteps, member_updates
 from cnnlab.fused.stacked import StackedModels
 from cnnlab.losses import CrossEntropyConfig, build_loss, build_member_losses
@@ -74,21 +79,34 @@ def way(name: str, n: int, a: argparse.Namespace, device: torch.device) -> Calla
     member_losses = build_member_losses(CrossEntropyConfig(name="cross_entropy"), 10)
     stacked = StackedModels([m.model for m in ms], name.split("+")[0])
     stacked.train()
-    updates = member_updates(stacked.flat, ms) if name.endswith("+fused") else MemberSteps(ms)
-    assert isinstance(updates, FusedSteps) == name.endswith("+fused")
+    fused = name.endswith(("+fused", "+graph"))
+    updates = member_updates(stacked.flat, ms) if fused else MemberSteps(ms)
+    assert isinstance(updates, FusedSteps) == fused
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        logits = stacked.forward(ctx.inputs(x, train=True), [], batched_input=False)
+    def step(x: torch.Tensor, y: torch.Tensor, sums: EpochState | None = None) -> None:
+        logits = stacked.forward(x, [], batched_input=False)
         losses = member_losses(logits, y)
         stacked.zero_grad()
         stacked.flat.backward(losses.sum())
         updates.step()
-    return step
+        if sums is not None:
+            sums.count(losses, logits, y)
+    if not name.endswith("+graph"):
+        return lambda x, y: step(ctx.inputs(x, train=True), y)
+    graph = GraphedSteps(stacked, updates, n, device, simulate=device.type != "cuda")
+    sums = EpochState(None, 0.0, torch.zeros(n, device=device), torch.zeros(n, dtype=torch.long, device=device),
+                      torch.full((n,), -1, dtype=torch.long, device=device))
+    losses = lambda logits, y, batched: member_losses(logits, y)  # noqa: E731
+    def graphed(x: torch.Tensor, y: torch.Tensor) -> None:
+        x = ctx.inputs(x, train=True)
+        if not graph.step(x, y, sums, step, False, losses):  # a capture that failed (said in the log): eager
+            step(x, y, sums)
+    return graphed
 
 
 def ops_per_step(step: Callable, data: list) -> int:
-    for x, y in data[:3]:  # warm-up: first calls trace and allocate
-        step(x, y)
+    for i in range(5):  # warm-up: first calls trace and allocate, and wide+graph captures after 3 eager steps
+        step(*data[i % len(data)])
     with Count() as count:
         step(*data[0])
     return count.ops
@@ -123,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels = ", members' optimizers fused=True" if a.fused_kernels else ""
     print(f"{a.members} x LeNet ({a.optimizer}{kernels}), batch {a.batch}, {a.steps} steps x {a.rounds} rounds on {device} "
           f"(median of the rounds; the ways take turns, so a busy machine slows all alike)")
-    names = ("alone", "vmap", "vmap+fused", "wide+fused")
+    names = ("alone", "vmap", "vmap+fused", "wide+fused", "wide+graph")
     steps = {name: way(name, a.members, a, device) for name in names}
     ops = {name: ops_per_step(step, data) for name, step in steps.items()}
     times: dict[str, list[float]] = {name: [] for name in names}

@@ -98,9 +98,10 @@ class EpochState:
         """One step's loss and predictions into the epoch's sums. Also for N runs at once (a fused group's):
         loss [N], logits [N, B, K], labels [N, B] or [B], with the sums [N] tensors."""
         loss = loss.detach()
-        # remembered on the device: checking each step on the host would sync every step
-        self.first_nonfinite = torch.where((self.first_nonfinite < 0) & ~torch.isfinite(loss),
-                                           self.step, self.first_nonfinite)
+        # remembered on the device: checking each step on the host would sync every step; in place, and with
+        # step a device tensor, a captured step (fused/graph.py) counts as this does
+        bad = (self.first_nonfinite < 0) & ~torch.isfinite(loss)
+        self.first_nonfinite.copy_(torch.where(bad, self.step, self.first_nonfinite))
         self.loss_sum += loss * labels.shape[-1]
         self.correct += (logits.argmax(-1) == labels).sum(-1)
         self.seen += labels.shape[-1]

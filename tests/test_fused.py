@@ -92,7 +92,8 @@ def test_in_a_loop_every_member_is_bitwise_its_lone_run(tmp_path: Path, alone: d
     for name, run_dir in fused.items():
         pd.testing.assert_frame_equal(metrics(run_dir)[["epoch", "lr", *CURVES]], metrics(alone[name])[["epoch", "lr", *CURVES]])
         assert summary(run_dir)["test_acc"] == summary(alone[name])["test_acc"]
-        assert summary(run_dir)["fused_group"] == {"group": 0, "jobs": list(range(len(MEMBERS))), "mode": "loop"}
+        assert summary(run_dir)["fused_group"] == {"group": 0, "jobs": list(range(len(MEMBERS))), "mode": "loop",
+                                                   "graph": False}
 
 
 @pytest.mark.parametrize("form", ["vmap", "wide"])
@@ -110,6 +111,93 @@ def test_fused_every_member_matches_its_lone_run_to_float_tolerance(tmp_path: Pa
         # a member's weights are rows of the group's stacked tensors; its checkpoint holds its own alone
         weights = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
         assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in weights.values())
+
+
+GRAPHED = {k: v for k, v in MEMBERS.items() if k != "dropout"}  # a captured step draws no dropout
+
+
+def train_graphed(root: Path, members: dict, monkeypatch: pytest.MonkeyPatch, extra: tuple[str, ...] = (),
+                  simulate: bool = True) -> dict:
+    """The group as train_together trains it in wide form, with its full batches through GraphedSteps: on the
+    CPU its captured function is called in place of a graph (simulate), or the capture is tried for real."""
+    from cnnlab.fused import graph, group
+
+    monkeypatch.setattr(group, "graphable", lambda *args: None)  # as on CUDA
+    monkeypatch.setattr(group, "GraphedSteps", lambda *args, **kw: graph.GraphedSteps(*args, **{**kw, "simulate": simulate}))
+    stop, shared, opened = GracefulStop(), {}, []
+    for name, overrides in members.items():
+        run = validate(compose_config(*DATA, *extra, *overrides))
+        (root / name).mkdir(parents=True)
+        opened.append(open_member(name, run, root / name, list(overrides), RunRecord.new(root / name, list(overrides)),
+                                  world_from_env(), None, stop, shared))
+    train_group(opened, "wide", {"group": 0, "jobs": list(range(len(opened)))}, graphs=True)
+    return {name: root / name for name in members}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_captured_step_trains_each_member_as_the_eager_fused_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   optimizer: str) -> None:
+    """The step a CUDA graph replays (fused/graph.py: static input, the optimizer's numbers set on the host before
+    each replay, the sums flushed at each eager step) gives each member the eager fused step's weights bitwise;
+    the train loss is summed in another order. Members differ in lr, momentum, weight decay, loss, seed (their
+    own batches), activation and schedule (an lr that changes every step)."""
+    from cnnlab.fused.graph import WARMUP, GraphedSteps
+
+    extra = ("optimizer=adamw", "optimizer.lr=0.002") if optimizer == "adamw" else ()
+    members = {k: v for k, v in GRAPHED.items() if optimizer == "sgd" or k not in ("lr_momentum", "weight_decay")}
+    eager = train_together(tmp_path / "eager", members, "wide", extra)
+    replays, captured = [], GraphedSteps._captured
+    monkeypatch.setattr(GraphedSteps, "_captured", lambda self, *a: (replays.append(1), captured(self, *a))[1])
+    graphed = train_graphed(tmp_path / "graphed", members, monkeypatch, extra)
+    steps = len(metrics(eager["base"])) * (summary(eager["base"])["train_size"] // 64)
+    assert len(replays) == steps - WARMUP  # every full batch but the warm-up's; each epoch's last, partial, eagerly
+    for name, run_dir in graphed.items():
+        a, b = metrics(run_dir), metrics(eager[name])
+        pd.testing.assert_frame_equal(a[["epoch", "lr", "train_acc", "val_loss", "val_acc"]],
+                                      b[["epoch", "lr", "train_acc", "val_loss", "val_acc"]])
+        assert ((a["train_loss"] - b["train_loss"]).abs() <= 1e-6 * b["train_loss"].abs()).all()
+        assert summary(run_dir)["fused_group"]["graph"] is True and summary(eager[name])["fused_group"]["graph"] is False
+        assert summary(run_dir)["test_acc"] == summary(eager[name])["test_acc"]
+
+
+def test_a_signal_between_replays_checkpoints_what_the_eager_step_would(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop after some steps through the graph: the graph's counts are flushed into each member's epoch before
+    its checkpoint, which holds the eager group's position, counts and weights (the loss sum to float order)."""
+    from cnnlab.interrupt import Interrupted
+
+    members = {k: GRAPHED[k] for k in ("base", "mse", "seed")}
+    partial = {}
+    for way in ("eager", "graphed"):
+        calls = iter(range(10**6))
+        monkeypatch.setattr(GracefulStop, "requested", lambda self: next(calls) == 9)  # before the 10th step
+        with pytest.raises(Interrupted):
+            if way == "eager":
+                train_together(tmp_path / way, members, "wide")
+            else:
+                train_graphed(tmp_path / way, members, monkeypatch)
+        partial[way] = {name: load_checkpoint(tmp_path / way / name / "checkpoints" / "last.pt") for name in members}
+    for name in members:
+        a, b = partial["graphed"][name], partial["eager"][name]
+        assert a["partial"]["step"] == b["partial"]["step"] == 9 and a["partial"]["seen"] == b["partial"]["seen"]
+        assert torch.equal(a["partial"]["correct"], b["partial"]["correct"])
+        assert torch.equal(a["partial"]["first_nonfinite"], b["partial"]["first_nonfinite"])
+        assert torch.allclose(a["partial"]["loss_sum"], b["partial"]["loss_sum"], rtol=1e-6)
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+
+
+def test_a_step_that_cannot_be_captured_steps_eagerly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Here the capture is tried for real and fails (no CUDA): the group says so once, records graph false, and
+    trains on eagerly, with exactly the eager step's results."""
+    members = {k: GRAPHED[k] for k in ("base", "mse", "seed")}
+    eager = train_together(tmp_path / "eager", members, "wide")
+    with caplog.at_level("WARNING", logger="cnnlab"):
+        tried = train_graphed(tmp_path / "tried", members, monkeypatch, simulate=False)
+    assert sum("could not be captured as a CUDA graph" in r.getMessage() for r in caplog.records) == 1
+    for name, run_dir in tried.items():
+        pd.testing.assert_frame_equal(metrics(run_dir)[["epoch", "lr", *CURVES]], metrics(eager[name])[["epoch", "lr", *CURVES]])
+        assert summary(run_dir)["fused_group"]["graph"] is False and summary(run_dir)["status"] == "completed"
 
 
 def test_a_diverging_member_is_masked_and_the_others_go_on_untouched(tmp_path: Path) -> None:
@@ -308,7 +396,7 @@ def test_a_fused_sweep_writes_what_the_basic_launcher_writes(tmp_path: Path) -> 
         b, f = summary(basic / job), summary(fused / job)
         assert f["status"] == b["status"] and job_files(fused / job) == job_files(basic / job)
         if b["status"] == "completed":
-            assert f["fused_group"] == {"group": 0, "jobs": [0, 1], "mode": "vmap"} and "fused_group" not in b
+            assert f["fused_group"] == {"group": 0, "jobs": [0, 1], "mode": "vmap", "graph": False} and "fused_group" not in b
             assert set(f) - {"fused_group"} == set(b) and abs(f["test_acc"] - b["test_acc"]) < 1e-6
             pd.testing.assert_frame_equal(metrics(fused / job)[CURVES], metrics(basic / job)[CURVES], rtol=1e-4)
             assert "fused group of 2 jobs (vmap)" in (fused / job / "train.log").read_text()
@@ -364,6 +452,7 @@ def test_a_stopped_fused_sweep_resumes_every_member(tmp_path: Path, smoke_alone:
     ("hydra.launcher.fuse=warp", "hydra.launcher.fuse='warp' is not valid; choose one of: auto, wide, vmap, loop"),
     ("hydra.launcher.max_members=0", "hydra.launcher.max_members=0 must be a whole number >= 1"),
     ("hydra.launcher.memory_fraction=1.5", "hydra.launcher.memory_fraction=1.5 must be a number in (0, 1]"),
+    ("hydra.launcher.cuda_graphs=often", "hydra.launcher.cuda_graphs='often' must be true or false"),
     ("+hydra.launcher.colour=1", "hydra.launcher.colour is not a setting of hydra/launcher=fused"),
 ])
 def test_bad_launcher_settings_are_refused_before_anything_runs(tmp_path: Path, setting: str, message: str) -> None:
@@ -386,7 +475,7 @@ def test_groups_are_capped_by_size_and_by_memory(tmp_path: Path, setting: str, g
     assert all(summary(p.parent)["status"] == "completed" for p in sweep.glob("*/summary.json")) and len(found) == 3
     for group in groups:
         for job in group:
-            assert found[job] == ({"group": group[0], "jobs": group, "mode": "loop"} if len(group) > 1 else None)
+            assert found[job] == ({"group": group[0], "jobs": group, "mode": "loop", "graph": False} if len(group) > 1 else None)
 
 
 def test_a_groups_data_leaves_its_training_steps_their_memory(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import torch
 from cnnlab import fit
 from cnnlab.config import RunConfig
 from cnnlab.distributed import World
+from cnnlab.fused.graph import GraphedSteps, graphable
 from cnnlab.fused.logs import MemberLogs, job_log_files, routed
 from cnnlab.fused.optim import Updates, member_updates
 from cnnlab.fused.stacked import StackedModels
@@ -68,32 +69,33 @@ def open_member(tag: str, run: RunConfig, run_dir: Path, overrides: list[str], r
     return Member(tag, state, generator, job_log_files(), closer)
 
 
-def train_group(members: list[Member], mode: str, describe: dict[str, Any]) -> None:
+def train_group(members: list[Member], mode: str, describe: dict[str, Any], graphs: bool = False) -> None:
     """Train the opened members to their ends; each member's summary is set. Raises Interrupted after a
-    signal has checkpointed every member. mode: wide|vmap|loop (settings.py, steps.py)."""
+    signal has checkpointed every member. mode: wide|vmap|loop (settings.py, steps.py); graphs: capture the
+    fused step as a CUDA graph where it can be (graph.py)."""
     for m in members:
-        m.state.record.built(fused_group={**describe, "mode": mode})
+        m.state.record.built(fused_group={**describe, "mode": mode, "graph": False})
     stopped: list[Interrupted] = []
     router = MemberLogs([m.log_files for m in members], [m.tag for m in members])
     with routed(router):
         log.info("fused group of %d jobs (%s), training together: %s", len(members), mode,
                  ", ".join(m.tag for m in members))
         if mode != "loop" and members[0].state.run.trainer.compile:
-            log.info("trainer.compile: the fused step runs eagerly (its one step for all members is the gain); "
+            log.info("trainer.compile: the fused step is not compiled (its one step for all members is the gain); "
                      "the members' own models are compiled where they step alone")
         positions: dict[tuple[int, int], list[Member]] = {}
         for m in members:  # members resumed at different points (one resumed alone) train in turn
             positions.setdefault((m.state.done, m.state.partial.step if m.state.partial else 0), []).append(m)
         for part in positions.values():
-            _train_part(part, mode, router, members, stopped)
+            _train_part(part, mode, graphs, router, members, stopped)
     if stopped:
         raise stopped[0]
 
 
-def _train_part(part: list[Member], mode: str, router: MemberLogs, everyone: list[Member],
+def _train_part(part: list[Member], mode: str, graphs: bool, router: MemberLogs, everyone: list[Member],
                 stopped: list[Interrupted]) -> None:
     active, epochs = list(part), part[0].state.run.trainer.epochs
-    fused = _fused(active, mode) if mode != "loop" else None
+    fused = _fused(active, mode, graphs) if mode != "loop" else None
     for epoch in range(part[0].state.done + 1, epochs + 1):
         if not active:
             break
@@ -102,7 +104,7 @@ def _train_part(part: list[Member], mode: str, router: MemberLogs, everyone: lis
             form = fused.stacked.form
             fused.release()  # each member's tensors its own again; the group goes on without those that ended
             fused = None  # the old buffers go before the new ones are made
-            fused = _fused(went_on, form) if went_on else None  # the form that ran: no retry of one refused
+            fused = _fused(went_on, form, graphs) if went_on else None  # the form that ran: no retry of one refused
         for m in active:
             if m not in went_on and m.summary is None:  # ended (diverged, stuck, pruned), not failed or stopped
                 _end([m], router, everyone)
@@ -114,54 +116,60 @@ def _train_part(part: list[Member], mode: str, router: MemberLogs, everyone: lis
 
 @dataclass
 class Fused:
-    """A part's members as one model and one optimizer step."""
+    """A part's members as one model and one optimizer step (captured as a CUDA graph where it can be)."""
 
     stacked: StackedModels
     updates: Updates
+    graph: GraphedSteps | None = None
 
     def release(self) -> None:
         self.updates.release()
         self.stacked.release()
 
 
-def _fused(members: list[Member], mode: str) -> Fused | None:
+def _fused(members: list[Member], mode: str, graphs: bool) -> Fused | None:
     """The members' models stacked as one with their optimizers fused, or None (each member steps in turn)
     where neither form runs them. mode wide tries the layers written out, then vmap; each member's
-    summary says which form its group took."""
+    summary says which form its group took, and whether its step is a CUDA graph."""
     for form in ("wide", "vmap") if mode == "wide" else ("vmap",):
         try:
-            fused = _stacked(members, form)
+            fused = _stacked(members, form, graphs)
         except Exception as err:  # noqa: BLE001 - whatever a form refuses, the members still train
             log.warning("this model cannot be fused %s (%s: %s); %s", _HOW[form], type(err).__name__,
                         (str(err).splitlines() or [""])[0][:300], "trying torch.func.vmap" if form == "wide" else
                         "the group's members step one after another instead (hydra.launcher.fuse=loop)")
             continue
-        _record_mode(members, form)
+        _record_mode(members, form, fused.graph is not None)
         return fused
-    _record_mode(members, "loop")
+    _record_mode(members, "loop", False)
     return None
 
 
 _HOW = {"wide": "layer by layer (hydra.launcher.fuse=wide)", "vmap": "with torch.func.vmap"}
 
 
-def _stacked(members: list[Member], form: str) -> Fused:
+def _stacked(members: list[Member], form: str, graphs: bool) -> Fused:
     """The members stacked in one form, checked against their own models, their optimizers fused."""
     stacked = None
     try:
         stacked = StackedModels([m.state.model for m in members], form)
+        ctx = members[0].state.ctx
         probe = torch.stack([m.state.ctx.inputs(m.state.probe.images, train=False) for m in members])  # no draws
-        stacked.check(probe, members[0].state.ctx)
-        return Fused(stacked, member_updates(stacked.flat, [m.state for m in members], stacked.unused))
+        stacked.check(probe, ctx)
+        updates = member_updates(stacked.flat, [m.state for m in members], stacked.unused)
+        why = graphable(stacked, updates, ctx.device, ctx.bf16) if graphs else "hydra.launcher.cuda_graphs=false"
+        if why and ctx.device.type == "cuda":
+            log.info("the fused step runs eagerly, not as a CUDA graph: %s", why)
+        return Fused(stacked, updates, None if why else GraphedSteps(stacked, updates, len(members), ctx.device))
     except BaseException:
         if stacked is not None:
             stacked.release()
         raise
 
 
-def _record_mode(members: list[Member], mode: str) -> None:
+def _record_mode(members: list[Member], mode: str, graph: bool) -> None:
     for m in members:
-        m.state.record.built(fused_group={**(m.state.record.summary.fused_group or {}), "mode": mode})
+        m.state.record.built(fused_group={**(m.state.record.summary.fused_group or {}), "mode": mode, "graph": graph})
 
 
 def _epoch(active: list[Member], epoch: int, fused: Fused | None, router: MemberLogs,
@@ -171,8 +179,11 @@ def _epoch(active: list[Member], epoch: int, fused: Fused | None, router: Member
     stepper = Stepper([m.state for m in active], epochs, [m.generator for m in active], active[0].state.stopping)
     if fused is not None:
         tic = time.perf_counter()
-        fused_epoch(stepper, fused.stacked, fused.updates)
+        fused_epoch(stepper, fused.stacked, fused.updates, fused.graph)
         seconds = [time.perf_counter() - tic] * len(active)  # the members' one step took the group's time
+        if fused.graph is not None and fused.graph.failed:  # it stepped eagerly, and goes on so
+            fused.graph = None
+            _record_mode(active, fused.stacked.form, False)
     else:
         seconds = loop_epoch(stepper)  # each its own epoch's time
     went_on = []

@@ -64,21 +64,29 @@ class MemberSteps:
 
 
 class Columns:
-    """Per-member numbers as [N, 1] tensors on the device, made again only when the numbers change. On CUDA
-    they go up from pinned memory without blocking: a step never waits for the host."""
+    """Per-member numbers as [N, 1] tensors on the device, each uploaded only when its numbers change, into
+    the same tensor (a captured step, fused/graph.py, reads it where it was). On CUDA they go up from pinned
+    memory without blocking: a step never waits for the host."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.made: dict[str, tuple[list[float], torch.Tensor]] = {}
 
-    def __call__(self, key: str, numbers: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def set(self, key: str, numbers: list[float]) -> None:
         made = self.made.get(key)
-        if made is None or made[0] != numbers:
-            column = torch.tensor(numbers, dtype=dtype).unsqueeze(1)
-            if self.device.type == "cuda":
-                column = column.pin_memory().to(self.device, non_blocking=True)
-            made = self.made[key] = (list(numbers), column.to(self.device))
-        return made[1]
+        if made is not None and made[0] == numbers:
+            return
+        column = torch.tensor(numbers, dtype=torch.float32).unsqueeze(1)
+        if self.device.type == "cuda":
+            column = column.pin_memory()
+        if made is None:
+            self.made[key] = (list(numbers), column.to(self.device))
+        else:
+            made[1].copy_(column, non_blocking=True)
+            self.made[key] = (list(numbers), made[1])
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.made[key][1]
 
 
 class FusedSteps:
@@ -95,13 +103,26 @@ class FusedSteps:
             o._opt_called = True  # noqa: SLF001 - the member's schedule checks its optimizer stepped, and it has
 
     def step(self) -> None:
+        self.prepare()
+        self.apply()
+        self.after()
+
+    def prepare(self) -> None:
+        """The host's part before the step: the members' numbers (lr as each schedule has it) to the device."""
+        self.rule.prepare([o.param_groups[0]["lr"] for o in self.optimizers], self.columns)
+
+    def apply(self) -> None:
+        """The device's part: ops on the flat buffers and the columns alone (a CUDA graph can hold them)."""
         grads = self.flat.grads
         if self.clip:  # torch.nn.utils.clip_grad_norm_, each member by its own norm
             norms = grads.norm(dim=1, keepdim=True)
             grads.mul_((self.clip / (norms + 1e-6)).clamp_(max=1.0))
-        lrs = [o.param_groups[0]["lr"] for o in self.optimizers]
         with torch.no_grad():
-            self.rule.step(self.flat.values, grads, lrs, self.columns)
+            self.rule.apply(self.flat.values, grads, self.columns)
+
+    def after(self) -> None:
+        """The host's part after the step: the rule's count, each member's schedule."""
+        self.rule.advance()
         for s in self.states:
             s.scheduler.step()
 
@@ -139,7 +160,15 @@ class Rule:
                 state.setdefault(p, {})[key] = row
         return buffer
 
-    def step(self, values: torch.Tensor, grads: torch.Tensor, lrs: list[float], columns: Columns) -> None:
+    def prepare(self, lrs: list[float], columns: Columns) -> None:
+        """The next step's per-member numbers into columns (host work, before the step; again, the same)."""
+        raise NotImplementedError
+
+    def advance(self) -> None:
+        """After a step: what the rule counts on the host."""
+
+    def apply(self, values: torch.Tensor, grads: torch.Tensor, columns: Columns) -> None:
+        """The step: device ops alone, reading the columns prepare set."""
         raise NotImplementedError
 
 
@@ -154,18 +183,24 @@ class SGDRule(Rule):
         own = [m != 0 for m in self.momentum]
         self.buf = self.buffer("momentum_buffer", states, members, own) if any(own) else None
 
-    def step(self, values: torch.Tensor, grads: torch.Tensor, lrs: list[float], columns: Columns) -> None:
-        d = torch.addcmul(grads, values, columns("decay", self.decay)) if any(self.decay) else grads
+    def prepare(self, lrs: list[float], columns: Columns) -> None:
+        columns.set("decay", self.decay)
+        columns.set("momentum", self.momentum)
+        columns.set("nesterov", self.nesterov)
+        columns.set("-lr", [-lr for lr in lrs])
+
+    def apply(self, values: torch.Tensor, grads: torch.Tensor, columns: Columns) -> None:
+        d = torch.addcmul(grads, values, columns["decay"]) if any(self.decay) else grads
         if self.buf is not None:  # a first step's buffer is the gradient, here as 0 * m + g
-            momentum = columns("momentum", self.momentum)
+            momentum = columns["momentum"]
             self.buf.mul_(momentum).add_(d)
             if all(self.nesterov):
                 d = torch.addcmul(d, self.buf, momentum)
             elif any(self.nesterov):
-                d = torch.where(columns("nesterov", self.nesterov) > 0, torch.addcmul(d, self.buf, momentum), self.buf)
+                d = torch.where(columns["nesterov"] > 0, torch.addcmul(d, self.buf, momentum), self.buf)
             else:
                 d = self.buf
-        values.addcmul_(d, columns("-lr", [-lr for lr in lrs]))
+        values.addcmul_(d, columns["-lr"])
 
 
 class AdamRule(Rule):
@@ -200,22 +235,34 @@ class AdamRule(Rule):
                 state.setdefault(p, {})["step"] = steps[i, k]
         return steps, int(counts[0]) if counts else 0
 
-    def step(self, values: torch.Tensor, grads: torch.Tensor, lrs: list[float], columns: Columns) -> None:
+    def prepare(self, lrs: list[float], columns: Columns) -> None:
+        t = self.t + 1  # the step about to be taken
+        columns.set("1-lr*wd", [1 - lr * wd for lr, wd in zip(lrs, self.decay)])
+        columns.set("decay", self.decay)
+        columns.set("1-beta1", [1 - b for b in self.beta1])
+        columns.set("beta2", self.beta2)
+        columns.set("1-beta2", [1 - b for b in self.beta2])
+        # in double on the host, as torch's step computes them from its step count
+        columns.set("step size", [-(lr / (1 - b ** t)) for lr, b in zip(lrs, self.beta1)])
+        columns.set("sqrt(1-beta2^t)", [(1 - b ** t) ** 0.5 for b in self.beta2])
+        columns.set("eps", self.eps)
+
+    def advance(self) -> None:
         self.t += 1
+
+    def apply(self, values: torch.Tensor, grads: torch.Tensor, columns: Columns) -> None:
         self.steps.add_(1)
         g = grads
         if any(self.decay) and self.decoupled:
-            values.mul_(columns("1-lr*wd", [1 - lr * wd for lr, wd in zip(lrs, self.decay)]))
+            values.mul_(columns["1-lr*wd"])
         elif any(self.decay):
-            g = torch.addcmul(grads, values, columns("decay", self.decay))
-        self.exp_avg.lerp_(g, columns("1-beta1", [1 - b for b in self.beta1]))
-        self.exp_avg_sq.mul_(columns("beta2", self.beta2)).addcmul_(g, g * columns("1-beta2", [1 - b for b in self.beta2]))
-        # in double on the host, as torch's step computes them from its step count; then torch's capturable
-        # form, p += m / ((sqrt(v) / sqrt(1 - beta2^t) + eps) / -step_size): one temporary buffer, not three
-        step_size = [-(lr / (1 - b ** self.t)) for lr, b in zip(lrs, self.beta1)]
-        correction = [(1 - b ** self.t) ** 0.5 for b in self.beta2]
-        denom = self.exp_avg_sq.sqrt().div_(columns("sqrt(1-beta2^t)", correction)).add_(columns("eps", self.eps))
-        values.addcdiv_(self.exp_avg, denom.div_(columns("step size", step_size)))
+            g = torch.addcmul(grads, values, columns["decay"])
+        self.exp_avg.lerp_(g, columns["1-beta1"])
+        self.exp_avg_sq.mul_(columns["beta2"]).addcmul_(g, g * columns["1-beta2"])
+        # torch's capturable form, p += m / ((sqrt(v) / sqrt(1 - beta2^t) + eps) / -step_size): one temporary
+        # buffer, not three
+        denom = self.exp_avg_sq.sqrt().div_(columns["sqrt(1-beta2^t)"]).add_(columns["eps"])
+        values.addcdiv_(self.exp_avg, denom.div_(columns["step size"]))
 
 
 RULES: dict[type[torch.optim.Optimizer], type[Rule]] = {

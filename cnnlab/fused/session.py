@@ -53,7 +53,8 @@ class Session:
             self._trained = True
             members = list(self.members.values())
             try:
-                train_group(members, self.settings.mode_on(members[0].state.device.type), self.describe)
+                train_group(members, self.settings.mode_on(members[0].state.device.type), self.describe,
+                            self.settings.cuda_graphs)
             except BaseException as err:  # what broke the group's steps ends every member still open
                 for member in members:
                     if member.summary is None:

@@ -17,10 +17,11 @@ class FusedSettings:
     fuse: str = "auto"
     max_members: int = 16  # jobs in one group at most
     memory_fraction: float = 0.8  # of the device's free memory a group's training steps may take, by estimate
+    cuda_graphs: bool = True  # replay a fused group's step as one captured CUDA graph where it can be (graph.py)
 
     @classmethod
     def from_config(cls, launcher: Any) -> FusedSettings:
-        known = {"fuse", "max_members", "memory_fraction"}
+        known = {"fuse", "max_members", "memory_fraction", "cuda_graphs"}
         given = {k: v for k, v in dict(launcher or {}).items() if k != "_target_"}
         unknown = sorted(set(given) - known)
         if unknown:
@@ -33,6 +34,8 @@ class FusedSettings:
         fraction = settings.memory_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ConfigError(f"hydra.launcher.memory_fraction={fraction!r} must be a number in (0, 1]")
+        if not isinstance(settings.cuda_graphs, bool):
+            raise ConfigError(f"hydra.launcher.cuda_graphs={settings.cuda_graphs!r} must be true or false")
         return settings
 
     def mode_on(self, device_type: str) -> str:

@@ -32,7 +32,7 @@ from torch.func import functional_call, vmap
 from cnnlab.engine import StepContext
 from cnnlab.fused.flat import FlatParams
 from cnnlab.fused.members import ACTIVATION_TYPES, activation_kinds, dropout_mask, each_its_own
-from cnnlab.fused.wide import WideFeed, from_wide, to_wide, wide_template
+from cnnlab.fused.wide import WideDropout, WideFeed, from_wide, to_wide, wide_template
 
 
 class _Feed:
@@ -181,6 +181,13 @@ class StackedModels:
                 if (fused[i] - own).abs().max() > 1e-3 * own.abs().max() + 1e-5:
                     raise ValueError(f"member {i}'s fused outputs differ from its own model's: a layer differs "
                                      f"between members in a way the fused model does not follow")
+
+    @property
+    def draws_dropout(self) -> bool:
+        """Whether a training forward draws dropout masks (a member with model.dropout > 0)."""
+        if self.form == "wide":
+            return any(isinstance(m, WideDropout) for m in self.template.modules())
+        return bool(self.dropout_names)  # vmap's layers draw (or feed p=0 masks) from the generators given
 
     def train(self) -> None:
         self.template.train()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from cnnlab.engine import EpochState, run_steps
+from cnnlab.fused.graph import GraphedSteps
 from cnnlab.fused.optim import Updates
 from cnnlab.fused.stacked import StackedModels
 from cnnlab.losses import build_member_losses
@@ -64,9 +65,9 @@ def loop_epoch(step: Stepper) -> list[float]:
     return seconds
 
 
-def fused_epoch(step: Stepper, stacked: StackedModels, updates: Updates) -> None:
+def fused_epoch(step: Stepper, stacked: StackedModels, updates: Updates, graph: GraphedSteps | None = None) -> None:
     """One fused forward and backward per batch for all members (wide or vmap: stacked.py), then one
-    optimizer step for all (optim.py).
+    optimizer step for all (optim.py); with graph, full batches replay it as a captured CUDA graph (graph.py).
     Members that draw the same batches (one dataset, one seed, one position) draw them once; losses and
     counters are batched over the members: a step's Python and kernel launches hardly grow with N."""
     stacked.train()
@@ -74,19 +75,30 @@ def fused_epoch(step: Stepper, stacked: StackedModels, updates: Updates) -> None
     streams = _streams(step)
     losses_of = _Losses(step.states, ctx.device)
     sums = _together(step.epochs)
+    full = step.states[0].run.trainer.batch_size  # a graph is captured and replayed for full batches alone
+
+    def eager(x: torch.Tensor, y: torch.Tensor, sums: EpochState) -> None:
+        with ctx.autocast():
+            logits = stacked.forward(x, step.generators, batched_input=streams.batched)
+            losses = losses_of(logits, y, streams.batched)
+        stacked.zero_grad()
+        stacked.flat.backward(losses.sum())  # each member's gradient is its own loss's: the others' do not reach it
+        updates.step()
+        sums.count(losses, logits, y)
+
     try:
         for draws in zip(*(step.states[j].batches.take(step.epochs[j].order, step.epochs[j].step) for j in streams.leaders)):
             if step.stop():  # checked before a step: a part a signal finds not yet begun takes none
                 break
             x, y = streams.inputs(step, draws)
-            with ctx.autocast():
-                logits = stacked.forward(x, step.generators, batched_input=streams.batched)
-                losses = losses_of(logits, y, streams.batched)
-            stacked.zero_grad()
-            stacked.flat.backward(losses.sum())  # each member's gradient is its own loss's: the others' do not reach it
-            updates.step()
-            sums.count(losses, logits, y)
+            if graph is not None and y.shape[-1] == full and graph.step(x, y, sums, eager, streams.batched, losses_of):
+                continue
+            if graph is not None:
+                graph.flush(sums)  # the graph's steps counted before this one's
+            eager(x, y, sums)
     finally:
+        if graph is not None:
+            graph.flush(sums)
         _apart(sums, step.epochs)
         streams.share_generators(step)
 

@@ -1,0 +1,137 @@
+"""A fused group's step captured once as a CUDA graph and replayed for every full batch.
+
+A group of small models is launch-bound on a GPU: the 12 LeNets' wide step is about 180 kernels
+(benchmarks/fused_step.py), each a few microseconds of the host's time for little work on the device.
+A CUDA graph launches them all at once. The graph holds the members' forward and backward
+(stacked.py), their losses, the fused optimizer's device ops (optim.py: FusedSteps.apply) and the
+epoch's sums; the host keeps, each step: drawing the batch (copied into the graph's input), the members'
+numbers (FusedSteps.prepare: each lr as its schedule has it, Adam's bias corrections) and their
+schedules' steps. So each member steps exactly as in the eager fused step.
+
+Taken on CUDA with one optimizer step for all members (FusedSteps), without dropout (a captured draw
+would not be each member's own generator's) and in fp32 (autocast's weight cache cannot be captured);
+elsewhere the group steps eagerly. The first WARMUP full batches of a part step eagerly on a side
+stream (CUDA's lazy set-up must not happen inside a capture); a smaller batch (an epoch's last) steps
+eagerly. A capture that fails is said once in the log and the group goes on eagerly.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+
+from cnnlab.engine import EpochState
+from cnnlab.fused.optim import FusedSteps, Updates
+from cnnlab.fused.stacked import StackedModels
+
+log = logging.getLogger("cnnlab")
+WARMUP = 3  # eager full batches before the capture, as torch's docs do for whole-network capture
+
+Body = Callable[[torch.Tensor, torch.Tensor, EpochState], None]  # one eager fused step into the given sums
+
+
+def graphable(stacked: StackedModels, updates: Updates, device: torch.device, bf16: bool) -> str | None:
+    """Why this group's step is not captured, or None when it can be."""
+    if device.type != "cuda":
+        return "not on CUDA"
+    if not isinstance(updates, FusedSteps):
+        return "the members' optimizers step one by one"
+    if any(t.device != device for t in vars(updates.rule).values() if isinstance(t, torch.Tensor)):
+        return "the optimizer keeps state on the host (Adam's step counts without fused=True)"  # a graph would skip it
+    if stacked.draws_dropout:
+        return "its members draw dropout masks"
+    return "trainer.precision=bf16" if bf16 else None
+
+
+class GraphedSteps:
+    """The group's full-batch steps through one captured graph, counted into static sums that are added to
+    the epoch's at each flush (before any eager step, and at the epoch's end, so the first bad step stays
+    the earliest). simulate: on any device, the captured function is called instead of a graph (tests)."""
+
+    def __init__(self, stacked: StackedModels, updates: FusedSteps, n: int, device: torch.device,
+                 simulate: bool = False) -> None:
+        self.stacked, self.updates, self.device, self.simulate = stacked, updates, device, simulate
+        self.sums = EpochState(None, 0.0, torch.zeros(n, device=device), torch.zeros(n, dtype=torch.long, device=device),
+                               torch.full((n,), -1, dtype=torch.long, device=device),
+                               torch.zeros((), dtype=torch.long, device=device))  # step: the batch's index in the epoch
+        self.x = self.y = None  # the static input the graph reads
+        self.replay: Callable[[], None] | None = None
+        self.warm, self.failed, self.counting = 0, False, False
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, sums: EpochState, body: Body, batched: bool,
+             losses: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]) -> bool:
+        """This full batch's step through the graph, counted into sums; False where the caller steps it eagerly."""
+        if self.failed or (self.x is not None and (x.shape != self.x.shape or y.shape != self.y.shape)):
+            return False
+        if self.replay is None:
+            if self.warm < WARMUP:
+                with self._warming():
+                    body(x, y, sums)
+                self.warm += 1
+                return True
+            self.flush(sums)
+            if not self._capture(x, y, batched, losses):
+                return False
+        if not self.counting:  # the first step after a flush: the sums start from the epoch's position
+            self.sums.loss_sum.zero_(), self.sums.correct.zero_(), self.sums.first_nonfinite.fill_(-1)
+            self.sums.step.fill_(sums.step)
+            self.counting = True
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.updates.prepare()
+        self.replay()
+        self.updates.after()
+        sums.step += 1
+        sums.seen += y.shape[-1]
+        return True
+
+    def flush(self, sums: EpochState) -> None:
+        """The graph's counts since the last flush added to sums."""
+        if not self.counting:
+            return
+        sums.loss_sum += self.sums.loss_sum
+        sums.correct += self.sums.correct
+        sums.first_nonfinite = torch.where(sums.first_nonfinite >= 0, sums.first_nonfinite, self.sums.first_nonfinite)
+        self.counting = False
+
+    def _captured(self, batched: bool, losses: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]) -> None:
+        """The step the graph holds: the eager fused step's device work on the static input."""
+        logits = self.stacked.forward(self.x, (), batched_input=batched)
+        loss = losses(logits, self.y, batched)
+        self.stacked.zero_grad()
+        self.stacked.flat.backward(loss.sum())
+        self.updates.apply()
+        self.sums.count(loss, logits, self.y)
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor, batched: bool,
+                 losses: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]) -> bool:
+        # everything the graph reads is kept here: a tensor freed after the capture would be read from reused memory
+        self.x, self.y, self.losses = x.clone(), y.clone(), losses
+        self.updates.prepare()  # the columns the graph reads exist before it is captured (prepare again: the same)
+        if self.simulate:
+            self.replay = lambda: self._captured(batched, losses)
+        else:
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._captured(batched, losses)
+            except Exception as err:  # noqa: BLE001 - what cannot be captured steps eagerly
+                log.warning("the fused step could not be captured as a CUDA graph (%s: %s); it steps eagerly",
+                            type(err).__name__, (str(err).splitlines() or [""])[0][:300])
+                self.failed, self.x, self.y = True, None, None
+                return False
+            self.replay = graph.replay
+        return True
+
+    @contextlib.contextmanager
+    def _warming(self) -> Iterator[None]:
+        if self.side is None:
+            yield
+            return
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.side):
+            yield
+        torch.cuda.current_stream(self.device).wait_stream(self.side)
