@@ -150,7 +150,9 @@ def test_a_captured_step_trains_each_member_as_the_eager_fused_step(tmp_path: Pa
     monkeypatch.setattr(GraphedSteps, "_captured", lambda self, *a: (replays.append(1), captured(self, *a))[1])
     graphed = train_graphed(tmp_path / "graphed", members, monkeypatch, extra)
     steps = len(metrics(eager["base"])) * (summary(eager["base"])["train_size"] // 64)
-    assert len(replays) == steps - WARMUP  # every full batch but the warm-up's; each epoch's last, partial, eagerly
+    # every full batch but the warm-up's (each epoch's last, partial, eagerly), and the graph's one check before it
+    # is trusted: the captured function run eagerly, and a replay, the state put back after each
+    assert len(replays) == steps - WARMUP + 2
     for name, run_dir in graphed.items():
         a, b = metrics(run_dir), metrics(eager[name])
         pd.testing.assert_frame_equal(a[["epoch", "lr", "train_acc", "val_loss", "val_acc"]],
@@ -186,15 +188,24 @@ def test_a_signal_between_replays_checkpoints_what_the_eager_step_would(tmp_path
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
 
 
+@pytest.mark.parametrize("how, said", [
+    ("capture fails", "could not be captured as a CUDA graph"),  # tried for real here, without CUDA
+    ("replay differs", "captured as a CUDA graph did not step as it does eagerly"),  # a graph that does nothing
+])
 def test_a_step_that_cannot_be_captured_steps_eagerly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
-    """Here the capture is tried for real and fails (no CUDA): the group says so once, records graph false, and
-    trains on eagerly, with exactly the eager step's results."""
+                                                      caplog: pytest.LogCaptureFixture, how: str, said: str) -> None:
+    """A capture that fails, or a graph whose one checked replay does not write what the eager step writes: the
+    group says so once, records graph false, and trains on eagerly, with exactly the eager step's results."""
+    from cnnlab.fused.graph import GraphedSteps
+
+    if how == "replay differs":
+        capture = GraphedSteps._capture
+        monkeypatch.setattr(GraphedSteps, "_capture", lambda self, *a: (capture(self, *a), setattr(self, "replay", lambda: None))[0])
     members = {k: GRAPHED[k] for k in ("base", "mse", "seed")}
     eager = train_together(tmp_path / "eager", members, "wide")
     with caplog.at_level("WARNING", logger="cnnlab"):
-        tried = train_graphed(tmp_path / "tried", members, monkeypatch, simulate=False)
-    assert sum("could not be captured as a CUDA graph" in r.getMessage() for r in caplog.records) == 1
+        tried = train_graphed(tmp_path / "tried", members, monkeypatch, simulate=how == "replay differs")
+    assert sum(said in r.getMessage() for r in caplog.records) == 1
     for name, run_dir in tried.items():
         pd.testing.assert_frame_equal(metrics(run_dir)[["epoch", "lr", *CURVES]], metrics(eager[name])[["epoch", "lr", *CURVES]])
         assert summary(run_dir)["fused_group"]["graph"] is False and summary(run_dir)["status"] == "completed"

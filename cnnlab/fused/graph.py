@@ -12,7 +12,10 @@ Taken on CUDA with one optimizer step for all members (FusedSteps), without drop
 would not be each member's own generator's) and in fp32 (autocast's weight cache cannot be captured);
 elsewhere the group steps eagerly. The first WARMUP full batches of a part step eagerly on a side
 stream (CUDA's lazy set-up must not happen inside a capture); a smaller batch (an epoch's last) steps
-eagerly. A capture that fails is said once in the log and the group goes on eagerly.
+eagerly. Before the graph is trusted it is checked once: from the same state, a replay must write what
+the captured function run eagerly writes (weights, gradients, optimizer state, norms' statistics, sums).
+A capture that fails, or a check that does not agree, is said once in the log, and the group goes on
+eagerly.
 """
 from __future__ import annotations
 
@@ -73,7 +76,8 @@ class GraphedSteps:
                 self.warm += 1
                 return True
             self.flush(sums)
-            if not self._capture(x, y, batched, losses):
+            if not (self._capture(x, y, batched, losses) and self._agrees(batched, losses)):
+                self.failed, self.replay, self.x, self.y, self.losses = True, None, None, None, None  # its memory goes
                 return False
         if not self.counting:  # the first step after a flush: the sums start from the epoch's position
             self.sums.loss_sum.zero_(), self.sums.correct.zero_(), self.sums.first_nonfinite.fill_(-1)
@@ -121,10 +125,30 @@ class GraphedSteps:
             except Exception as err:  # noqa: BLE001 - what cannot be captured steps eagerly
                 log.warning("the fused step could not be captured as a CUDA graph (%s: %s); it steps eagerly",
                             type(err).__name__, (str(err).splitlines() or [""])[0][:300])
-                self.failed, self.x, self.y = True, None, None
                 return False
             self.replay = graph.replay
         return True
+
+    def _agrees(self, batched: bool, losses: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]) -> bool:
+        """The graph checked once before it is trusted: from the same state, one replay must write what the
+        captured function run eagerly writes (weights, gradients, optimizer state, norms' statistics, sums),
+        bitwise or to float tolerance (kernels with atomics). The state is put back after each."""
+        written = [self.stacked.flat.values, self.stacked.flat.grads, *self.stacked.buffers.values(),
+                   *(t for t in vars(self.updates.rule).values() if isinstance(t, torch.Tensor)),
+                   self.sums.loss_sum, self.sums.correct, self.sums.first_nonfinite, self.sums.step]
+        before = [t.clone() for t in written]
+        self._captured(batched, losses)
+        eager = [t.clone() for t in written]
+        for t, b in zip(written, before):
+            t.copy_(b)
+        self.replay()
+        worst = max(_difference(a, b) for a, b in zip(written, eager))
+        for t, b in zip(written, before):
+            t.copy_(b)
+        if worst > 1e-4:
+            log.warning("the fused step captured as a CUDA graph did not step as it does eagerly (a relative "
+                        "difference of %.2g); it steps eagerly", worst)
+        return worst <= 1e-4
 
     @contextlib.contextmanager
     def _warming(self) -> Iterator[None]:
@@ -135,3 +159,14 @@ class GraphedSteps:
         with torch.cuda.stream(self.side):
             yield
         torch.cuda.current_stream(self.device).wait_stream(self.side)
+
+
+def _difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest difference of a from b relative to b's largest value (0 when bitwise equal; NaN where
+    both have NaN counts as equal)."""
+    if torch.equal(a, b):
+        return 0.0
+    a, b = a.double(), b.double()
+    both = torch.isnan(a) & torch.isnan(b)
+    gap = torch.where(both, 0.0, (a - b).abs()).nan_to_num(nan=float("inf")).max()
+    return float(gap / b.nan_to_num(nan=0.0).abs().max().clamp(min=1e-12))
