@@ -195,3 +195,29 @@ def test_the_members_losses_in_one_call_are_each_members_own(cfg: object) -> Non
     one, own = build_member_losses(cfg, 5), build_loss(cfg, 5)
     torch.testing.assert_close(one(logits, y), torch.stack([own(logits[i], y[i]) for i in range(3)]))
     torch.testing.assert_close(one(logits, y[0]), torch.stack([own(logits[i], y[0]) for i in range(3)]))  # shared
+
+
+def test_a_captured_step_is_refused_where_a_graph_could_not_hold_it() -> None:
+    """fused/graph.py's graphable: the reasons a group steps eagerly on CUDA, each said (only the device is
+    named CUDA here; nothing runs on it)."""
+    from cnnlab.fused.graph import graphable
+
+    cuda = torch.device("cuda")
+
+    def group(make: type[torch.optim.Optimizer], settings: dict, dropout: float = 0.0) -> tuple:
+        ms = [member(i, make, settings, None) for i in range(2)]
+        for m in ms:
+            m.model = nn.Sequential(*m.model, nn.Dropout(dropout))
+            m.optimizer = make(m.model.parameters(), **settings)
+        stacked = StackedModels([m.model for m in ms], "wide")
+        return stacked, member_updates(stacked.flat, ms)
+
+    sgd = group(torch.optim.SGD, dict(lr=0.1, momentum=0.9))
+    assert graphable(*sgd, torch.device("cpu"), False, False) == "not on CUDA"
+    assert graphable(*sgd, cuda, False, False) is None
+    assert graphable(*sgd, cuda, False, True) == "the data streams through a DataLoader"
+    assert graphable(*sgd, cuda, True, False) == "trainer.precision=bf16"
+    assert graphable(*group(torch.optim.SGD, dict(lr=0.1), dropout=0.3), cuda, False, False) == "its members draw dropout masks"
+    assert graphable(*group(torch.optim.RMSprop, dict(lr=0.1)), cuda, False, False) == "the members' optimizers step one by one"
+    adam = group(torch.optim.Adam, dict(lr=0.01))  # without fused=True its step counts stay on the host
+    assert graphable(*adam, cuda, False, False).startswith("the optimizer keeps state on the host")

@@ -100,6 +100,9 @@ def _train_part(part: list[Member], mode: str, graphs: bool, router: MemberLogs,
         if not active:
             break
         went_on = _epoch(active, epoch, fused, router, everyone, stopped)
+        if fused is not None and fused.graph is not None and fused.graph.failed:  # stepped eagerly, and goes on so
+            fused.graph, graphs = None, False  # a group rebuilt without a member does not try again
+            _record_mode(active, fused.stacked.form, False)
         if len(went_on) != len(active) and fused is not None:
             form = fused.stacked.form
             fused.release()  # each member's tensors its own again; the group goes on without those that ended
@@ -111,6 +114,7 @@ def _train_part(part: list[Member], mode: str, graphs: bool, router: MemberLogs,
         active = went_on
     if fused is not None:
         fused.release()
+        fused = None  # its buffers and graph go before the members' test scores
     _end(active, router, everyone)
 
 
@@ -157,7 +161,8 @@ def _stacked(members: list[Member], form: str, graphs: bool) -> Fused:
         probe = torch.stack([m.state.ctx.inputs(m.state.probe.images, train=False) for m in members])  # no draws
         stacked.check(probe, ctx)
         updates = member_updates(stacked.flat, [m.state for m in members], stacked.unused)
-        why = graphable(stacked, updates, ctx.device, ctx.bf16) if graphs else "hydra.launcher.cuda_graphs=false"
+        streaming = any(m.state.data.loader == "streaming" for m in members)
+        why = graphable(stacked, updates, ctx.device, ctx.bf16, streaming) if graphs else "hydra.launcher.cuda_graphs=false"
         if why and ctx.device.type == "cuda":
             log.info("the fused step runs eagerly, not as a CUDA graph: %s", why)
         return Fused(stacked, updates, None if why else GraphedSteps(stacked, updates, len(members), ctx.device))
@@ -181,9 +186,6 @@ def _epoch(active: list[Member], epoch: int, fused: Fused | None, router: Member
         tic = time.perf_counter()
         fused_epoch(stepper, fused.stacked, fused.updates, fused.graph)
         seconds = [time.perf_counter() - tic] * len(active)  # the members' one step took the group's time
-        if fused.graph is not None and fused.graph.failed:  # it stepped eagerly, and goes on so
-            fused.graph = None
-            _record_mode(active, fused.stacked.form, False)
     else:
         seconds = loop_epoch(stepper)  # each its own epoch's time
     went_on = []

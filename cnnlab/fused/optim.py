@@ -140,6 +140,8 @@ class Rule:
     groups: each member's one param group; states: each member's optimizer.state; members: each member's
     parameters by name."""
 
+    host_state = False  # state a step changes on the host (which a captured CUDA graph would not replay)
+
     def __init__(self, flat: FlatParams, groups: list[dict[str, Any]], states: list[dict], members: list[dict]) -> None:
         self.flat, self.groups = flat, groups
 
@@ -221,6 +223,7 @@ class AdamRule(Rule):
         (on the device for a fused or capturable Adam, else on the CPU); and the count they share. Raises
         ValueError, before any state is changed, where the members stand at different steps."""
         on_device = groups[0].get("fused") or groups[0].get("capturable")
+        self.host_state = not on_device
         device = self.flat.values.device if on_device else torch.device("cpu")
         steps = torch.zeros(len(members), len(self.flat.names), dtype=torch.float32, device=device)
         for i, (state, params) in enumerate(zip(states, members)):
