@@ -47,7 +47,11 @@ class Footprint:
         """fp32 weights, their gradients and the optimizer's per-weight state, plus the activations the
         backward pass keeps and about as much again for their gradients (ResNet-50 at batch 128 on
         32x32 images: 11.7 GB, about what it takes)."""
-        return 4.0 * self.params * (2 + optimizer_slots) + 4.0 * 2 * max(self.activations, 0)
+        return 4.0 * self.params * (2 + optimizer_slots) + self.activation_bytes()
+
+    def activation_bytes(self) -> float:
+        """The activations a training step keeps for its backward, and as much again for their gradients."""
+        return 4.0 * 2 * max(self.activations, 0)
 
 
 def footprint(build: Callable[[], nn.Module], batch_shape: tuple[int, ...]) -> Footprint:

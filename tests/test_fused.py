@@ -509,6 +509,26 @@ def test_a_groups_data_leaves_its_training_steps_their_memory(tmp_path: Path) ->
     assert f"free on cpu, {gigabytes(2 * need)} of it kept for the fused group's training steps)" in log
 
 
+def test_on_cuda_a_captured_step_counts_its_graphs_activations_in_the_memory_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graph's pool keeps a step's activations while an epoch's last, eager, batch takes its own: with
+    cuda_graphs each member counts them twice (the device is only named CUDA here; nothing runs on it)."""
+    from cnnlab.build import training_step_bytes
+    from cnnlab.fused import launcher
+    from cnnlab.fused.settings import FusedSettings
+
+    job = compose_config(*SMOKE)
+    found, need = training_step_bytes(validate(job))
+    assert found.activation_bytes() > 0
+    free = (2 * need + found.activation_bytes()) / 0.8  # room for two members' steps, not with their graphs' too
+    monkeypatch.setattr(launcher, "select_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(launcher, "available_bytes", lambda device: free)
+    configs = [job] * 4
+    eager = launcher._by_memory([0, 1, 2, 3], configs, FusedSettings(cuda_graphs=False))
+    graphed = launcher._by_memory([0, 1, 2, 3], configs, FusedSettings())
+    assert eager == [([0, 1], 2 * need), ([2, 3], 2 * need)]
+    assert graphed == [([i], need + found.activation_bytes()) for i in range(4)]
+
+
 def test_a_search_fuses_each_batch_of_trials(tmp_path: Path) -> None:
     """hydra/sweeper=optuna asks n_jobs trials at a time; the fused launcher trains each batch as a group."""
     sweep = tmp_path / "sweep"

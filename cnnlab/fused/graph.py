@@ -61,7 +61,7 @@ class GraphedSteps:
         self.sums = EpochState(None, 0.0, torch.zeros(n, device=device), torch.zeros(n, dtype=torch.long, device=device),
                                torch.full((n,), -1, dtype=torch.long, device=device),
                                torch.zeros((), dtype=torch.long, device=device))  # step: the batch's index in the epoch
-        self.x = self.y = None  # the static input the graph reads
+        self.x = self.y = self.losses = None  # the static input the graph reads, and its losses' index tensors
         self.replay: Callable[[], None] | None = None
         self.warm, self.failed, self.counting = 0, False, False
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -82,7 +82,9 @@ class GraphedSteps:
                 self.failed, self.replay, self.x, self.y, self.losses = True, None, None, None, None  # its memory goes
                 return False
         if not self.counting:  # the first step after a flush: the sums start from the epoch's position
-            self.sums.loss_sum.zero_(), self.sums.correct.zero_(), self.sums.first_nonfinite.fill_(-1)
+            self.sums.loss_sum.zero_()
+            self.sums.correct.zero_()
+            self.sums.first_nonfinite.fill_(-1)
             self.sums.step.fill_(sums.step)
             self.counting = True
         self.x.copy_(x)

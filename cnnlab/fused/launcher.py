@@ -97,8 +97,11 @@ def _by_memory(group: list[int], configs: list[DictConfig], settings: FusedSetti
     try:
         job = configs[group[0]]
         run = validate(OmegaConf.create({k: job[k] for k in job if k != "hydra"}))  # its own keys, not Hydra's
-        _, need = training_step_bytes(run)
-        free = available_bytes(select_device(run.trainer.device)) * settings.memory_fraction
+        found, need = training_step_bytes(run)
+        device = select_device(run.trainer.device)
+        if settings.cuda_graphs and device.type == "cuda":  # a captured step keeps its activations in the graph's
+            need += found.activation_bytes()  # pool while an eager step (an epoch's last batch) takes its own
+        free = available_bytes(device) * settings.memory_fraction
     except Exception:  # noqa: BLE001 - a config that does not build: the jobs themselves report what is wrong
         return [(group, 0.0)]
     fits = max(1, math.floor(free / need)) if need > 0 and math.isfinite(free) else len(group)
