@@ -59,11 +59,18 @@ def _tail(path: Path) -> str:
     return path.read_text(errors="replace")[-2000:]
 
 
+def _steps_seconds(metrics: Path) -> float:
+    """A run's training steps' seconds, from its metrics.csv's images/s (a fused member's: its group's)."""
+    size = json.loads((metrics.parent / "summary.json").read_text())["train_size"]
+    with metrics.open() as f:
+        return sum(size / float(row["images_per_second"]) for row in csv.DictReader(f) if row["images_per_second"])
+
+
 def breakdown(result: dict) -> str:
-    """Where a one-group fused sweep's wall time went, from its console's ms timestamps and a member's
-    metrics.csv: start-up (process, configs, the members opened), the epochs (the fused steps, and the
-    members' validation, test scores, checkpoints and doctor), the members' ends (test score, plots), and
-    the sweep report with the exit."""
+    """Where a one-group fused sweep's wall time went, from its console's ms timestamps and the
+    members' metrics.csv: start-up (process, configs, the members opened), the epochs (the steps, one for all
+    or each member's in turn, and the members' validation, test scores, checkpoints and doctor), the members'
+    ends (test score, plots), and the sweep report with the exit."""
     day = datetime.datetime.fromtimestamp(result["started"])
     t0 = day.hour * 3600 + day.minute * 60 + day.second + day.microsecond / 1e6
     stamps = []  # (seconds since the start, message)
@@ -77,11 +84,11 @@ def breakdown(result: dict) -> str:
     runs = sorted(Path(result["dir"]).glob("*/metrics.csv"))
     if group is None or not epochs or not runs:
         return "n/a (no fused group's epochs in its console log)"
-    size = json.loads((runs[0].parent / "summary.json").read_text())["train_size"]
-    with runs[0].open() as f:
-        steps = sum(size / float(row["images_per_second"]) for row in csv.DictReader(f) if row["images_per_second"])
+    steps = [_steps_seconds(path) for path in runs]
+    together = json.loads((runs[0].parent / "summary.json").read_text())["fused_group"]["mode"] != "loop"
+    steps = steps[0] if together else sum(steps)  # one step for all, or each member's in turn
     span = epochs[-1] - group
-    return (f"start-up {group:.1f} s (process, configs, members opened); epochs {span:.1f} s, of which the fused steps "
+    return (f"start-up {group:.1f} s (process, configs, members opened); epochs {span:.1f} s, of which the steps "
             f"{steps:.1f} s and the members' validation, test scores, checkpoints and doctor {span - steps:.1f} s; "
             f"the members' ends (test score, plots) {stamps[-1][0] - epochs[-1]:.1f} s; the sweep report and exit "
             f"{result['seconds'] - stamps[-1][0]:.1f} s")
