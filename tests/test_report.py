@@ -301,5 +301,5 @@ def test_figures_a_child_could_not_draw_are_drawn_here(tmp_path: Path, monkeypat
         for draw in draws:
             draw.wait()
     assert all((run / name).read_bytes().startswith(PNG_MAGIC) for run in runs for name in ("confusion_matrix.png", "curves.png"))
-    with drawing.side_by_side(1) as drawings:  # one figure: drawn at once, no child
+    with drawing.side_by_side(2) as drawings:  # one run's two figures: drawn at once, no child
         assert drawings().batch is None

@@ -206,7 +206,7 @@ def _epoch(active: list[Member], epoch: int, fused: Fused | None, router: Member
 
 def _end(members: list[Member], router: MemberLogs, everyone: list[Member]) -> None:
     """The members' last phase (test score and plots), then each run is closed, failed or not. Members that
-    end together draw their figures side by side in worker processes (report/drawing.py), and each is
+    end together draw their figures side by side in child processes (report/drawing.py), and each is
     recorded finished once its own are written."""
     with side_by_side(2 * len(members)) as drawings:  # a run's confusion matrix and curves
         begun = [(m, drawings()) for m in members]

@@ -31,6 +31,7 @@ Task = tuple[Callable[..., Any], tuple[Any, ...]]
 CHILD = (f"import sys; sys.path.append({str(Path(__file__).resolve().parents[2])!r}); "
          f"from cnnlab.report.drawing import child; child()")
 HERE = object()  # a figure's outcome when its child failed: draw it in this process
+MIN_FIGURES = 4  # a child's start-up (~0.5 s) is about two figures' drawing: one run's two draw at once
 
 
 class Drawing:
@@ -109,9 +110,9 @@ class Batch:
 @contextlib.contextmanager
 def side_by_side(figures: int) -> Iterator[Callable[[], Drawing]]:
     """Drawings (one per run) whose `figures` figures in all are drawn by up to min(figures, cores) child
-    processes at the first wait; a single figure, or a single core, draws at once."""
+    processes at the first wait; fewer than MIN_FIGURES figures, or a single core, draw at once."""
     children = min(figures, os.cpu_count() or 1)
-    batch = Batch(children) if children > 1 else None
+    batch = Batch(children) if children > 1 and figures >= MIN_FIGURES else None
     yield lambda: Drawing(batch)
 
 
