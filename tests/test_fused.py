@@ -162,6 +162,27 @@ def test_a_captured_step_trains_each_member_as_the_eager_fused_step(tmp_path: Pa
         assert summary(run_dir)["test_acc"] == summary(eager[name])["test_acc"]
 
 
+def test_a_member_diverging_inside_the_captured_step_is_found_at_its_step(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its first bad step is counted in the graph's sums and flushed in order: it is recorded diverged at the step
+    the eager group records, and the others go on (in a group rebuilt, and captured again, without it) exactly
+    as in the eager group."""
+    from cnnlab.fused import graph
+
+    members = {"calm": (), "wild": ("optimizer.lr=1e6",), "other": ("trainer.seed=1",)}
+    extra = ("scheduler=none",)
+    eager = train_together(tmp_path / "eager", members, "wide", extra)
+    monkeypatch.setattr(graph, "WARMUP", 1)  # lr=1e6 gives NaN at the 3rd step: inside the graph's steps
+    graphed = train_graphed(tmp_path / "graphed", members, monkeypatch, extra)
+    wild, wild_eager = summary(graphed["wild"]), summary(eager["wild"])
+    assert wild["status"] == wild_eager["status"] == "diverged" and wild["diverged_step"] == wild_eager["diverged_step"]
+    assert wild["diverged_step"] > graph.WARMUP + 1  # after the warm-up and the captured step: found by the graph
+    for name in ("calm", "other"):
+        a, b = metrics(graphed[name]), metrics(eager[name])
+        assert len(a) == 2 and summary(graphed[name])["status"] == "completed"
+        pd.testing.assert_frame_equal(a[["epoch", "train_acc", "val_loss", "val_acc"]], b[["epoch", "train_acc", "val_loss", "val_acc"]])
+
+
 def test_a_signal_between_replays_checkpoints_what_the_eager_step_would(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop after some steps through the graph: the graph's counts are flushed into each member's epoch before
