@@ -83,12 +83,13 @@ def way(name: str, n: int, a: argparse.Namespace, device: torch.device) -> Calla
     updates = member_updates(stacked.flat, ms) if fused else MemberSteps(ms)
     assert isinstance(updates, FusedSteps) == fused
 
-    def step(x: torch.Tensor, y: torch.Tensor, sums: EpochState | None = None) -> None:
+    def step(x: torch.Tensor, y: torch.Tensor, sums: EpochState | None = None,
+             update: Callable[[], None] = updates.step) -> None:
         logits = stacked.forward(x, [], batched_input=False)
         losses = member_losses(logits, y)
         stacked.zero_grad()
         stacked.flat.backward(losses.sum())
-        updates.step()
+        update()
         if sums is not None:
             sums.count(losses, logits, y)
     if not name.endswith("+graph"):
@@ -96,10 +97,10 @@ def way(name: str, n: int, a: argparse.Namespace, device: torch.device) -> Calla
     graph = GraphedSteps(stacked, updates, n, device, simulate=device.type != "cuda")
     sums = EpochState(None, 0.0, torch.zeros(n, device=device), torch.zeros(n, dtype=torch.long, device=device),
                       torch.full((n,), -1, dtype=torch.long, device=device))
-    losses = lambda logits, y, batched: member_losses(logits, y)  # noqa: E731
+
     def graphed(x: torch.Tensor, y: torch.Tensor) -> None:
         x = ctx.inputs(x, train=True)
-        if not graph.step(x, y, sums, step, False, losses):  # a capture that failed (said in the log): eager
+        if not graph.step(x, y, sums, step):  # a capture that failed (said in the log): eager
             step(x, y, sums)
     return graphed
 

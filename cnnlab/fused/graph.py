@@ -32,7 +32,9 @@ from cnnlab.fused.stacked import StackedModels
 log = logging.getLogger("cnnlab")
 WARMUP = 3  # eager full batches before the capture, as torch's docs do for whole-network capture
 
-Body = Callable[[torch.Tensor, torch.Tensor, EpochState], None]  # one eager fused step into the given sums
+# one fused step into the given sums, its optimizer update the last argument: updates.step eagerly, or
+# updates.apply, the device ops alone, where a graph holds it (steps.py: fused_epoch's step)
+Body = Callable[[torch.Tensor, torch.Tensor, EpochState, Callable[[], None]], None]
 
 
 def graphable(stacked: StackedModels, updates: Updates, device: torch.device, bf16: bool, streaming: bool) -> str | None:
@@ -61,25 +63,24 @@ class GraphedSteps:
         self.sums = EpochState(None, 0.0, torch.zeros(n, device=device), torch.zeros(n, dtype=torch.long, device=device),
                                torch.full((n,), -1, dtype=torch.long, device=device),
                                torch.zeros((), dtype=torch.long, device=device))  # step: the batch's index in the epoch
-        self.x = self.y = self.losses = None  # the static input the graph reads, and its losses' index tensors
+        self.x = self.y = self.body = None  # the static input the graph reads, and the step (its losses' tensors)
         self.replay: Callable[[], None] | None = None
         self.warm, self.failed, self.counting = 0, False, False
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, sums: EpochState, body: Body, batched: bool,
-             losses: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]) -> bool:
+    def step(self, x: torch.Tensor, y: torch.Tensor, sums: EpochState, body: Body) -> bool:
         """This full batch's step through the graph, counted into sums; False where the caller steps it eagerly."""
         if self.failed or (self.x is not None and (x.shape != self.x.shape or y.shape != self.y.shape)):
             return False
         if self.replay is None:
             if self.warm < WARMUP:
                 with self._warming():
-                    body(x, y, sums)
+                    body(x, y, sums, self.updates.step)
                 self.warm += 1
                 return True
             self.flush(sums)
-            if not (self._capture(x, y, batched, losses) and self._agrees(batched, losses)):
-                self.failed, self.replay, self.x, self.y, self.losses = True, None, None, None, None  # its memory goes
+            if not (self._capture(x, y, body) and self._agrees()):
+                self.failed, self.replay, self.x, self.y, self.body = True, None, None, None, None  # its memory goes
                 return False
         if not self.counting:  # the first step after a flush: the sums start from the epoch's position
             self.sums.loss_sum.zero_()
@@ -105,27 +106,21 @@ class GraphedSteps:
         sums.first_nonfinite = torch.where(sums.first_nonfinite >= 0, sums.first_nonfinite, self.sums.first_nonfinite)
         self.counting = False
 
-    def _captured(self, batched: bool, losses: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]) -> None:
-        """The step the graph holds: the eager fused step's device work on the static input."""
-        logits = self.stacked.forward(self.x, (), batched_input=batched)
-        loss = losses(logits, self.y, batched)
-        self.stacked.zero_grad()
-        self.stacked.flat.backward(loss.sum())
-        self.updates.apply()
-        self.sums.count(loss, logits, self.y)
+    def _captured(self) -> None:
+        """The step the graph holds: the eager fused step on the static input, its optimizer's device ops alone."""
+        self.body(self.x, self.y, self.sums, self.updates.apply)
 
-    def _capture(self, x: torch.Tensor, y: torch.Tensor, batched: bool,
-                 losses: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]) -> bool:
+    def _capture(self, x: torch.Tensor, y: torch.Tensor, body: Body) -> bool:
         # everything the graph reads is kept here: a tensor freed after the capture would be read from reused memory
-        self.x, self.y, self.losses = x.clone(), y.clone(), losses
+        self.x, self.y, self.body = x.clone(), y.clone(), body
         self.updates.prepare()  # the columns the graph reads exist before it is captured (prepare again: the same)
         if self.simulate:
-            self.replay = lambda: self._captured(batched, losses)
+            self.replay = self._captured
         else:
             try:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    self._captured(batched, losses)
+                    self._captured()
             except Exception as err:  # noqa: BLE001 - what cannot be captured steps eagerly
                 log.warning("the fused step could not be captured as a CUDA graph (%s: %s); it steps eagerly",
                             type(err).__name__, (str(err).splitlines() or [""])[0][:300])
@@ -133,7 +128,7 @@ class GraphedSteps:
             self.replay = graph.replay
         return True
 
-    def _agrees(self, batched: bool, losses: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]) -> bool:
+    def _agrees(self) -> bool:
         """The graph checked once before it is trusted: from the same state, one replay must write what the
         captured function run eagerly writes (weights, gradients, optimizer state, norms' statistics, sums),
         bitwise or to 1e-4 of each member's largest value (kernels with atomics). The state is put back after
@@ -143,7 +138,7 @@ class GraphedSteps:
                    self.sums.loss_sum, self.sums.correct, self.sums.first_nonfinite, self.sums.step]
         try:
             before = [t.clone() for t in written]
-            self._captured(batched, losses)
+            self._captured()
             eager = [t.clone() for t in written]
             for t, b in zip(written, before):
                 t.copy_(b)

@@ -77,13 +77,14 @@ def fused_epoch(step: Stepper, stacked: StackedModels, updates: Updates, graph: 
     sums = _together(step.epochs)
     full = step.states[0].run.trainer.batch_size  # a graph is captured and replayed for full batches alone
 
-    def eager(x: torch.Tensor, y: torch.Tensor, sums: EpochState) -> None:
+    def one(x: torch.Tensor, y: torch.Tensor, sums: EpochState, update: Callable[[], None] = updates.step) -> None:
+        """One step into sums: eagerly, or (update: the optimizer's device ops alone) as a graph holds it."""
         with ctx.autocast():
             logits = stacked.forward(x, step.generators, batched_input=streams.batched)
             losses = losses_of(logits, y, streams.batched)
         stacked.zero_grad()
         stacked.flat.backward(losses.sum())  # each member's gradient is its own loss's: the others' do not reach it
-        updates.step()
+        update()
         sums.count(losses, logits, y)
 
     try:
@@ -91,11 +92,11 @@ def fused_epoch(step: Stepper, stacked: StackedModels, updates: Updates, graph: 
             if step.stop():  # checked before a step: a part a signal finds not yet begun takes none
                 break
             x, y = streams.inputs(step, draws)
-            if graph is not None and y.shape[-1] == full and graph.step(x, y, sums, eager, streams.batched, losses_of):
+            if graph is not None and y.shape[-1] == full and graph.step(x, y, sums, one):
                 continue
             if graph is not None:
                 graph.flush(sums)  # the graph's steps counted before this one's
-            eager(x, y, sums)
+            one(x, y, sums)
     finally:
         if graph is not None:
             graph.flush(sums)
