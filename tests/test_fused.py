@@ -162,6 +162,17 @@ def test_a_captured_step_trains_each_member_as_the_eager_fused_step(tmp_path: Pa
         assert summary(run_dir)["test_acc"] == summary(eager[name])["test_acc"]
 
 
+def test_a_graph_never_captured_is_not_claimed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Too few full batches to get past the warm-up: every step ran eagerly, and fused_group.graph says so."""
+    from cnnlab.fused import graph
+
+    monkeypatch.setattr(graph, "WARMUP", 10**6)
+    members = {k: GRAPHED[k] for k in ("base", "mse")}
+    for name, run_dir in train_graphed(tmp_path, members, monkeypatch).items():
+        assert summary(run_dir)["status"] == "completed" and len(metrics(run_dir)) == 2
+        assert summary(run_dir)["fused_group"]["graph"] is False and summary(run_dir)["fused_group"]["mode"] == "wide"
+
+
 def test_a_member_diverging_inside_the_captured_step_is_found_at_its_step(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Its first bad step is counted in the graph's sums and flushed in order: it is recorded diverged at the step

@@ -100,9 +100,7 @@ def _train_part(part: list[Member], mode: str, graphs: bool, router: MemberLogs,
         if not active:
             break
         went_on = _epoch(active, epoch, fused, router, everyone, stopped)
-        if fused is not None and fused.graph is not None and fused.graph.failed:  # stepped eagerly, and goes on so
-            fused.graph, graphs = None, False  # a group rebuilt without a member does not try again
-            _record_mode(active, fused.stacked.form, False)
+        graphs = _graph_kept(fused, graphs)
         if len(went_on) != len(active) and fused is not None:
             form = fused.stacked.form
             fused.release()  # each member's tensors its own again; the group goes on without those that ended
@@ -131,6 +129,15 @@ class Fused:
         self.stacked.release()
 
 
+def _graph_kept(fused: Fused | None, graphs: bool) -> bool:
+    """After an epoch: whether a group rebuilt from these members tries a graph. One that failed is dropped: the
+    group stepped eagerly, and goes on so."""
+    if fused is not None and fused.graph is not None and fused.graph.failed:
+        fused.graph = None
+        return False
+    return graphs
+
+
 def _fused(members: list[Member], mode: str, graphs: bool) -> Fused | None:
     """The members' models stacked as one with their optimizers fused, or None (each member steps in turn)
     where neither form runs them. mode wide tries the layers written out, then vmap; each member's
@@ -143,9 +150,9 @@ def _fused(members: list[Member], mode: str, graphs: bool) -> Fused | None:
                         (str(err).splitlines() or [""])[0][:300], "trying torch.func.vmap" if form == "wide" else
                         "the group's members step one after another instead (hydra.launcher.fuse=loop)")
             continue
-        _record_mode(members, form, fused.graph is not None)
+        _record_mode(members, form)
         return fused
-    _record_mode(members, "loop", False)
+    _record_mode(members, "loop")
     return None
 
 
@@ -172,9 +179,14 @@ def _stacked(members: list[Member], form: str, graphs: bool) -> Fused:
         raise
 
 
-def _record_mode(members: list[Member], mode: str, graph: bool) -> None:
+def _record_mode(members: list[Member], mode: str, graph: bool | None = None) -> None:
+    """The form the members' group took; graph: some of their steps were replayed from a CUDA graph (None: as
+    recorded so far). A graph built but never captured (too few full batches) is not claimed."""
     for m in members:
-        m.state.record.built(fused_group={**(m.state.record.summary.fused_group or {}), "mode": mode, "graph": graph})
+        was = m.state.record.summary.fused_group or {}
+        now = {**was, "mode": mode, "graph": was.get("graph", False) if graph is None else graph}
+        if now != was:  # summary.json written only where it changes (this runs after every graphed epoch)
+            m.state.record.built(fused_group=now)
 
 
 def _epoch(active: list[Member], epoch: int, fused: Fused | None, router: MemberLogs,
@@ -185,6 +197,8 @@ def _epoch(active: list[Member], epoch: int, fused: Fused | None, router: Member
     if fused is not None:
         tic = time.perf_counter()
         fused_epoch(stepper, fused.stacked, fused.updates, fused.graph)
+        if fused.graph is not None and fused.graph.replay is not None:  # before any member ends: its summary says so
+            _record_mode(active, fused.stacked.form, True)
         seconds = [time.perf_counter() - tic] * len(active)  # the members' one step took the group's time
     else:
         seconds = loop_epoch(stepper)  # each its own epoch's time
