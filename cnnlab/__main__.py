@@ -33,7 +33,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         run_dir = Path(hydra_cfg.runtime.output_dir)
         program = distributed.command_prefix(distributed.world_from_env())
         command = continue_command(run_dir, hydra_cfg.mode == RunMode.MULTIRUN, program)
-        log.warning("%s: checkpoint saved. Continue with: %s", err, command)
+        log.warning("%s%s. Continue with: %s", err, "" if err.finished else ": checkpoint saved", command)
         sys.exit(err.exit_code)
     except ConfigError as err:  # bad input to a single run: one clear message, exit 2
         # the traceback only when debugging (Hydra's own switch)
@@ -100,6 +100,10 @@ def main() -> None:
     except Refused as err:  # a Hydra callback refused the run before it began
         print(err.message, file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C (abort at once), or one between a sweep's jobs: no traceback
+        print("stopped by Ctrl-C; a run's last checkpoint, or a sweep's finished jobs, are kept: run the same command "
+              "again to go on", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

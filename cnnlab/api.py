@@ -278,8 +278,6 @@ def _hydra(args: list[str], multirun: bool) -> Any:
     except SystemExit as err:
         if not (multirun and err.code == 1):  # 1: jobs failed, which their own summary.json records
             raise
-    except Interrupted as err:
-        raise KeyboardInterrupt(f"{err}: checkpoint saved. Continue with {err.resume_call}") from None
     finally:
         GlobalHydra.instance().clear()
 
@@ -291,13 +289,13 @@ def _job(cfg: Any) -> Any:
 
     try:
         return run_job(cfg)
-    except Interrupted as err:
-        hydra_cfg = HydraConfig.get()
+    except Interrupted as err:  # raised as KeyboardInterrupt, which Hydra's run_job does not catch: a sweep's
+        hydra_cfg = HydraConfig.get()  # next jobs must not start (the CLI's sys.exit does the same)
         if hydra_cfg.mode == RunMode.MULTIRUN:
-            err.resume_call = f"the same cnnlab.sweep(...) call with sweep_dir={str(Path(hydra_cfg.sweep.dir).resolve())!r}"
+            call = f"the same cnnlab.sweep(...) call with sweep_dir={str(Path(hydra_cfg.sweep.dir).resolve())!r}"
         else:
-            err.resume_call = f"cnnlab.train(\"trainer.resume={Path(hydra_cfg.runtime.output_dir).resolve()}\")"
-        raise
+            call = f"cnnlab.train(\"trainer.resume={Path(hydra_cfg.runtime.output_dir).resolve()}\")"
+        raise KeyboardInterrupt(f"{err}{'' if err.finished else ': checkpoint saved'}. Continue with {call}") from None
 
 
 @contextmanager

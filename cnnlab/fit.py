@@ -51,13 +51,14 @@ PROGRESS_DELAY_S = 2.0  # an epoch shorter than this shows no bar at all: no fli
 
 
 def fit(run: RunConfig, run_dir: Path, overrides: list[str] | None = None, record: RunRecord | None = None,
-        judge: EpochJudge | None = None) -> Summary:
+        judge: EpochJudge | None = None, stop: GracefulStop | None = None) -> Summary:
     """Train one run, or continue it with trainer.resume, writing every file of the run-directory contract.
 
     Returns the summary. `record`: the run's record when the caller made it (the CLI, to record
     failures before fit too); by default a new one, or the resumed run's. A resume that fails
     before training starts leaves the run's summary.json as it was; any other failure is recorded.
-    `judge`: a search trial's pruner (search/trial.py), asked after each epoch; it may end the run."""
+    `judge`: a search trial's pruner (search/trial.py), asked after each epoch; it may end the run. `stop`: the
+    caller's active signal catcher (a sweep's job asks it afterwards), else fit's own."""
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = list(overrides or [])
     world = world_from_env()
@@ -65,13 +66,14 @@ def fit(run: RunConfig, run_dir: Path, overrides: list[str] | None = None, recor
         opener = RunRecord.for_resume if run.trainer.resume else RunRecord.new
         record = opener(run_dir, overrides, writes=world.is_main)
     with claim(run_dir) if world.is_main else contextlib.nullcontext():  # one live process per run dir
-        return _fit(run, run_dir, overrides, record, world, judge)
+        return _fit(run, run_dir, overrides, record, world, judge, stop)
 
 
 def _fit(run: RunConfig, run_dir: Path, overrides: list[str], record: RunRecord, world: World,
-         judge: EpochJudge | None) -> Summary:
+         judge: EpochJudge | None, stop: GracefulStop | None) -> Summary:
     # signals are caught from the start, so one that comes during set-up also stops cleanly at the first step
-    with GracefulStop() as stop, opened_run(run, run_dir, overrides, record, world, judge, stop) as state:
+    with contextlib.nullcontext(stop) if stop else GracefulStop() as stop, \
+            opened_run(run, run_dir, overrides, record, world, judge, stop) as state:
         _epochs(state)
         finish(state)
     return record.summary

@@ -10,11 +10,15 @@ log = logging.getLogger("cnnlab")
 
 
 class Interrupted(Exception):
-    """Raised by fit() after it saved the interrupt checkpoint and wrote status: interrupted."""
+    """Raised by fit() after it saved the interrupt checkpoint and wrote status: interrupted; or, with
+    finished, by a sweep's job that a signal reached after its training (job.py): the job is complete,
+    and the sweep stops before its next one."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.signum = signum
+    def __init__(self, signum: int, finished: bool = False) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} came after this job's training, which is complete; the sweep stops before its "
+                         f"next job" if finished else f"interrupted by {name}")
+        self.signum, self.finished = signum, finished
 
     @property
     def exit_code(self) -> int:

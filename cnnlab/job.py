@@ -18,7 +18,7 @@ from cnnlab import distributed
 from cnnlab.build import prepare
 from cnnlab.checks import ConfigError
 from cnnlab.config import offer_registered_models, validate
-from cnnlab.interrupt import Interrupted
+from cnnlab.interrupt import GracefulStop, Interrupted
 from cnnlab.launch import job_placement
 from cnnlab.precheck import check_command_line, varying_keys
 from cnnlab.record import RunRecord, Summary, read_summary
@@ -28,7 +28,7 @@ from cnnlab.plugins import register_plugins
 from cnnlab.search.trial import trial_judge
 from cnnlab.rundir import SWEEP_COMMAND_ENV, SWEEP_KEYS_ENV, holds_a_run, release
 from cnnlab.fit import fit
-from cnnlab.fused.session import current as fused_session
+from cnnlab.fused.session import Session, current as fused_session
 
 log = logging.getLogger("cnnlab")
 
@@ -36,7 +36,8 @@ log = logging.getLogger("cnnlab")
 def run_job(cfg: DictConfig) -> Summary | None:
     """Train the job Hydra composed, in the run directory Hydra made.
 
-    Raises Interrupted (checkpointed, resumable). A single run raises what refused or broke it (a
+    Raises Interrupted (checkpointed, resumable; in a sweep also after a job that a signal reached once its
+    training was done, so that the next job does not start). A single run raises what refused or broke it (a
     ConfigError: bad input, with its directory removed when nothing had begun); a sweep's job records
     its failure in summary.json and returns None, so the other jobs run."""
     hydra_cfg = HydraConfig.get()
@@ -45,11 +46,7 @@ def run_job(cfg: DictConfig) -> Summary | None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = fused_session()
     if group is not None and group.training:  # the fused launcher's second pass: the group trains, once
-        summary = group.result(hydra_cfg.job.num)
-        if summary is None or summary.status == "failed":
-            return None  # as a sweep's job that fails: recorded in its summary.json
-        log.info("%s", console_table(summary, run_dir))
-        return summary
+        return _group_result(group, hydra_cfg.job.num, run_dir)
     world = distributed.world_from_env()
     if not world.is_main:  # rank 0 speaks for the run; the others only warn
         log.setLevel(logging.WARNING)
@@ -76,8 +73,8 @@ def run_job(cfg: DictConfig) -> Summary | None:
         if group is not None:  # the fused launcher's first pass: the run is opened for its group, not trained
             group.join(hydra_cfg.job.num, run, run_dir, overrides, record, world, judge)
             return None
-        with job_placement(cfg):  # jobs side by side: a share of the CPU threads, a GPU each
-            summary = fit(run, run_dir, overrides, record, judge)
+        with job_placement(cfg), GracefulStop() as stop:  # side by side: a share of the CPU threads, a GPU each
+            summary = fit(run, run_dir, overrides, record, judge, stop)
     except Interrupted:  # checkpointed at a step boundary; summary.json says interrupted
         raise
     except Exception as err:
@@ -86,7 +83,26 @@ def run_job(cfg: DictConfig) -> Summary | None:
     finally:
         distributed.teardown()
     log.info("%s", console_table(summary, run_dir))
+    if multirun:
+        _stop_after(stop)
     return summary
+
+
+def _group_result(group: Session, num: int, run_dir: Path) -> Summary | None:
+    """A fused group's member: its summary (the first member's call trains the group), None where it failed."""
+    summary = group.result(num)
+    failed = summary is None or summary.status == "failed"  # as a sweep's job that fails: recorded in summary.json
+    if not failed:
+        log.info("%s", console_table(summary, run_dir))
+    _stop_after(group.stop)
+    return None if failed else summary
+
+
+def _stop_after(stop: GracefulStop) -> None:
+    """A signal that came after a sweep job's training (its test score, its plots) did not stop the job, which
+    is complete; it stops the sweep before its next job, as a signal during training would."""
+    if stop.requested():
+        raise Interrupted(stop.signum, finished=True)
 
 
 def _failed(err: Exception, run_dir: Path, overrides: list[str], record: RunRecord | None, multirun: bool,

@@ -189,3 +189,29 @@ def test_interrupting_the_kernel_checkpoints_and_the_named_call_goes_on(in_tmp: 
     again = cnnlab.train(resume, model=SimpleNN)
     assert again.dir == run.dir and again.status == "completed"
     check_run_dir(run.dir, epochs=2, test_size=128)
+
+
+def test_interrupting_the_kernel_stops_a_sweep_before_its_next_job(in_tmp: Path, monkeypatch) -> None:
+    """One Ctrl-C in job 0's training: job 0 is checkpointed, and jobs 1 and 2 do not start (Hydra's basic launcher
+    would run them, as it catches a job's Exception); the same call goes on with all three."""
+    import signal
+
+    import cnnlab.engine as engine
+
+    inputs, steps = engine.StepContext.inputs, [0]
+
+    def step(self, images, train):
+        steps[0] += train
+        if train and steps[0] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return inputs(self, images, train)
+
+    monkeypatch.setattr(engine.StepContext, "inputs", step)
+    with pytest.raises(KeyboardInterrupt, match=r"checkpoint saved. Continue with the same cnnlab.sweep\(...\) call"):
+        cnnlab.sweep("+debug=smoke", "optimizer.lr=0.1,0.05,0.01", sweep_dir=in_tmp / "sweep")
+    assert sorted(p.name for p in (in_tmp / "sweep").iterdir() if p.is_dir()) == ["0_lr-0.1"]
+    assert cnnlab.load_run(in_tmp / "sweep" / "0_lr-0.1").status == "interrupted"
+    monkeypatch.setattr(engine.StepContext, "inputs", inputs)
+    again = cnnlab.sweep("+debug=smoke", "optimizer.lr=0.1,0.05,0.01", sweep_dir=in_tmp / "sweep")
+    assert [r.status for r in again.runs] == ["completed"] * 3
+    assert (again.runs[0].dir / "metrics.csv").read_text().count("\n") == 3  # a header and epochs 1, 2: none twice

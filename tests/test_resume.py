@@ -123,6 +123,19 @@ def test_second_ctrl_c_aborts_at_once() -> None:
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
+def test_a_second_ctrl_c_on_the_command_line_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    """No checkpoint is waited for: the run is recorded interrupted at its last checkpoint, and the command says
+    how to go on instead of printing Python's traceback."""
+    twice = SIGTERM_AT_STEP_10.replace("os.kill(os.getpid(), signal.SIGTERM)",
+                                       "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT)")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", twice, "-", *SMOKE, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr and "stopped by Ctrl-C" in proc.stderr
+    assert summary(run_dir)["status"] == "interrupted"
+
+
 def test_crash_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "last.pt"
     save_checkpoint(path, epoch=1, model={"w": torch.ones(3)})

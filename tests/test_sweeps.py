@@ -95,6 +95,47 @@ def test_a_sweep_stopped_by_sigterm_goes_on_with_the_command_it_prints(tmp_path:
     check_finished(tmp_path / "sweep", alone)
 
 
+# SIGTERM while job 0 scores its test set and draws its plots (fit.finish), after its training
+AFTER_TRAINING = r'''
+import os, signal, sys
+import cnnlab.fit as fit
+finish = fit.finish
+def signalled(*args, **kwargs):
+    if not os.environ.get("SENT"):
+        os.environ["SENT"] = "1"
+        os.kill(os.getpid(), signal.SIGTERM)
+    return finish(*args, **kwargs)
+fit.finish = signalled
+from cnnlab.__main__ import main
+sys.argv[1:] = sys.argv[2:]
+main()
+'''
+
+
+@pytest.mark.parametrize("launcher, first", [((), ["0_lr-0.1"]),
+                                             (("hydra/launcher=fused", "hydra.launcher.max_members=2"),
+                                              ["0_lr-0.1", "1_lr-0.05"])])
+def test_a_signal_after_a_jobs_training_stops_the_sweep_before_its_next_job(tmp_path: Path, alone, launcher: tuple,
+                                                                            first: list[str]) -> None:
+    """The job (a fused group: each of its jobs) completes, as the signal found its training done; the sweep stops
+    there with 128+N, and the command it prints goes on with the jobs not yet run."""
+    sweep = tmp_path / "sweep"
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "SENT")}
+    stopped = subprocess.run([sys.executable, "-c", AFTER_TRAINING, "-", *SWEEP, *launcher, f"hydra.sweep.dir={sweep}"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    out = stopped.stdout + stopped.stderr
+    assert "SIGTERM came after this job's training, which is complete; the sweep stops before its next job" in out
+    assert "Traceback" not in out
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == first  # the next job never started
+    assert all(json.loads((sweep / job / "summary.json").read_text())["status"] == "completed" for job in first)
+    command = shlex.split([line for line in out.splitlines() if "Continue with: " in line][-1].split("Continue with: ")[1])
+    again = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(f"{job}: completed in an earlier run of this sweep; kept as it is" in again.stdout for job in first)
+    check_finished(sweep, alone)
+
+
 def test_job_directories_are_short_safe_and_resume_takes_them(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     done = run_cnnlab("-m", "+debug=smoke", "trainer.epochs=1", "model.activation=relu,tanh",
