@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from cnnlab import losses, models, optim, usercode
 from cnnlab.checks import ConfigError, check_choice, check_range
@@ -154,9 +154,12 @@ def typed_group(group: str, node: Any) -> Any:
         reason = str(err).splitlines()[0]
         # a nested schema (logger.mlflow) lists its own keys, not the group's
         owner = err.object_type if dataclasses.is_dataclass(err.object_type) and "." in str(err.full_key) else schema
-        valid = ", ".join(f.name for f in dataclasses.fields(owner))
+        fields = {f.name: f for f in dataclasses.fields(owner)}
+        field = fields.get(str(err.full_key).rsplit(".", 1)[-1]) if err.full_key else None
+        if field is not None and not isinstance(err, (ConfigKeyError, ConfigAttributeError)):  # a known key's value
+            raise ConfigError(f"{key}: {reason}; {key} takes a value of type {field.type}") from None
         where = key.rsplit(".", 1)[0] if owner is not schema else f"{group} '{getattr(node, 'name', group)}'"
-        raise ConfigError(f"{key}: {reason}. Valid keys of {where}: {valid}") from None
+        raise ConfigError(f"{key}: {reason}. Valid keys of {where}: {', '.join(fields)}") from None
     obj.validate(group)
     return obj
 

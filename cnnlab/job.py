@@ -23,6 +23,7 @@ from cnnlab.launch import job_placement
 from cnnlab.precheck import check_command_line, varying_keys
 from cnnlab.record import RunRecord, Summary, read_summary
 from cnnlab.report import console_table
+from cnnlab.rerun import extends
 from cnnlab.resume import resume_argv, resume_point, resumed_config
 from cnnlab.plugins import register_plugins
 from cnnlab.search.trial import trial_judge
@@ -52,7 +53,7 @@ def run_job(cfg: DictConfig) -> Summary | None:
         log.setLevel(logging.WARNING)
     _warn_unswept_preset(hydra_cfg, multirun)
     if multirun and holds_a_run(run_dir):  # a sweep run again: each job goes on from where it stands
-        kept = _finished_job(run_dir)
+        kept = _finished_job(run_dir, int(cfg.trainer.epochs))
         if kept is not None:
             return kept
         cfg.trainer.resume = str(run_dir)
@@ -128,14 +129,14 @@ def _warn_unswept_preset(hydra_cfg: DictConfig, multirun: bool) -> None:
         log.warning("this config defines a sweep (%s) but runs once with its base settings; add -m to run the sweep", axes)
 
 
-def _finished_job(run_dir: Path) -> Summary | None:
+def _finished_job(run_dir: Path, epochs: int) -> Summary | None:
     """A job an earlier run of this sweep finished: kept as it is, not one file touched (so not logged:
-    the job's log is its train.log)."""
+    the job's log is its train.log); None where it goes on (a completed job given more epochs is extended)."""
     try:
         summary = read_summary(run_dir)
     except (OSError, ValueError, TypeError):
         return None
-    if not summary.finished:
+    if not summary.finished or extends(summary, epochs):
         return None
     print(f"{run_dir.name}: {summary.status} in an earlier run of this sweep; kept as it is")
     return summary

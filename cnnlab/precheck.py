@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.checks import ConfigError
 from cnnlab.config import config_dir, validate
+from cnnlab.rerun import check_rerun
 from cnnlab.fused.settings import LAUNCHER_TARGET, FusedSettings
 from cnnlab.search.settings import SWEEPER_TARGET, SearchSettings
 from cnnlab.search.space import GRAMMAR, parse_space
@@ -45,22 +47,32 @@ def check_command_line(argv: list[str], check_job: Callable[[DictConfig], None] 
         if multirun and jobs is None:
             return []  # another sweeper: it knows its own search space
         check = check_job or validate
-        if multirun and base.hydra.launcher.get("_target_") == LAUNCHER_TARGET:
+        if base.hydra.launcher.get("_target_") == LAUNCHER_TARGET:  # checked also where a single run ignores it
             FusedSettings.from_config(base.hydra.launcher)  # hydra/launcher=fused's settings
         if multirun and base.hydra.sweeper.get("_target_") == SWEEPER_TARGET:
             check = _search_check(check)
-        failures = []
+        failures, tasks = [], []
         for number, job in enumerate(jobs):
             try:
-                cfg = _compose(job)
-                check(_task(cfg))
+                tasks.append(_task(_compose(job)))
+                check(tasks[-1])
             except ConfigError as err:
                 failures.append((number, job, str(err)))
         if multirun and not failures:
             _check_facets(base, jobs)
+            if base.hydra.sweeper.get("_target_") == BASIC_SWEEPER:  # a search checks its own study's command
+                check_rerun(_sweep_dir(base), jobs, varying_keys(jobs), lambda n: validate(tasks[n]).to_dict())
     if failures:
         raise ConfigError(_message(failures, len(jobs), multirun))
     return jobs
+
+
+def _sweep_dir(base: DictConfig) -> Path:
+    """The sweep directory Hydra will use (a timestamped default names one that is not there yet)."""
+    try:
+        return Path(str(OmegaConf.select(base, "hydra.sweep.dir", throw_on_resolution_failure=True)))
+    except Exception:  # noqa: BLE001 - a resolver only Hydra's run has: a new directory, nothing to check
+        return Path("/nonexistent/cnnlab-sweep")
 
 
 def compose_job(overrides: list[str]) -> DictConfig:
@@ -99,11 +111,15 @@ def _without_sweeps(overrides: list[str]) -> list[str]:
     kept = []
     for text in overrides:
         try:
-            if parser.parse_override(text).is_sweep_override():
-                continue
+            override = parser.parse_override(text)
         except HydraException as err:  # parse_override raises the base class for a syntax error
             raise ConfigError(_unparsable([text], str(err))) from None
-        kept.append(text)
+        if override.is_sweep_override() and override.is_hydra_override():
+            raise ConfigError(f"{text}: Hydra's own settings (hydra.* and hydra/...) take one value per command, as one "
+                              f"command has one launcher and one sweep directory; give one value, and run one "
+                              f"command per value, each with its own hydra.sweep.dir")
+        if not override.is_sweep_override():
+            kept.append(text)
     return kept
 
 
@@ -173,11 +189,14 @@ def _message(failures: list[tuple[int, list[str], str]], jobs: int, multirun: bo
     def described(job: list[str]) -> str:  # what the user chose, not where Hydra writes
         return " ".join(o for o in job if not o.lstrip("+~").startswith(("hydra.", "hydra/")))
 
+    hint = ("; interval() gives floats, int(interval(low, high)) integers"
+            if any("to Integer" in err for _, _, err in failures) else "")
+    if len(failures) > 1 and len({err for _, _, err in failures}) == 1:  # one cause: said once
+        return (f"{'all' if len(failures) == jobs else len(failures)} of the {jobs} jobs of this sweep have this config "
+                f"error, so none was started: {failures[0][2]}{hint}")
     shown = "; ".join(f"job {n} ({described(job)}): {err}" for n, job, err in failures[:MAX_SHOWN])
     more = f"; and {len(failures) - MAX_SHOWN} more" if len(failures) > MAX_SHOWN else ""
     verb = "has" if len(failures) == 1 else "have"
-    hint = ("; interval() gives floats, int(interval(low, high)) integers"
-            if any("to Integer" in err for _, _, err in failures) else "")
     return (f"{len(failures)} of the {jobs} jobs of this sweep {verb} a config error, so none was started: "
             f"{shown}{more}{hint}")
 

@@ -442,7 +442,7 @@ def test_a_fused_sweep_writes_what_the_basic_launcher_writes(tmp_path: Path) -> 
             assert f["fused_group"] == {"group": 0, "jobs": [0, 1], "mode": "vmap", "graph": False} and "fused_group" not in b
             assert set(f) - {"fused_group"} == set(b) and abs(f["test_acc"] - b["test_acc"]) < 1e-6
             pd.testing.assert_frame_equal(metrics(fused / job)[CURVES], metrics(basic / job)[CURVES], rtol=1e-4)
-            assert "fused group of 2 jobs (vmap)" in (fused / job / "train.log").read_text()
+            assert "fused group of 2 jobs (fuse=vmap)" in (fused / job / "train.log").read_text()
         else:
             assert "the fragile model broke" in f["error"]
     table = {launcher: pd.read_csv(tmp_path / launcher / "sweep_summary.csv") for launcher in ("basic", "fused")}
@@ -497,6 +497,8 @@ def test_a_stopped_fused_sweep_resumes_every_member(tmp_path: Path, smoke_alone:
     ("hydra.launcher.memory_fraction=1.5", "hydra.launcher.memory_fraction=1.5 must be a number in (0, 1]"),
     ("hydra.launcher.cuda_graphs=often", "hydra.launcher.cuda_graphs='often' must be true or false"),
     ("+hydra.launcher.colour=1", "hydra.launcher.colour is not a setting of hydra/launcher=fused"),
+    ("hydra.launcher.fuse=wide,loop", "hydra.launcher.fuse=wide,loop: Hydra's own settings (hydra.* and hydra/...) "
+                                      "take one value per command"),  # Hydra: exit 1 and its own words
 ])
 def test_bad_launcher_settings_are_refused_before_anything_runs(tmp_path: Path, setting: str, message: str) -> None:
     done = run_cnnlab("-m", *SMOKE, "optimizer.lr=0.1,0.05", "hydra/launcher=fused", setting,

@@ -36,6 +36,17 @@ def test_a_sweep_with_a_bad_seventh_job_starts_none(tmp_path: Path) -> None:
     assert not (tmp_path / "sweep").exists()  # not one job ran
 
 
+def test_jobs_failing_for_one_cause_are_told_it_once(tmp_path: Path) -> None:
+    done = run_cnnlab("-m", "+debug=smoke", "optimizer.lr=0.1,0.05,0.01", "trainer.epochs=2.5",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert done.returncode == 2 and not (tmp_path / "sweep").exists()
+    said = " ".join(done.stderr.split())
+    assert said.startswith("all of the 3 jobs of this sweep have this config error, so none was started: trainer.epochs: "
+                           "Value '2.5' of type 'float' could not be converted to Integer; trainer.epochs takes a value "
+                           "of type int")  # a key that exists: its type, not the list of keys
+    assert said.count("could not be converted") == 1 and "Valid keys" not in said
+
+
 def test_a_job_whose_model_does_not_fit_the_data_is_found_before_the_sweep(tmp_path: Path) -> None:
     done = run_cnnlab("-m", "+debug=smoke", "model=lenet,alexnet_original", f"hydra.sweep.dir={tmp_path / 's'}",
                       cwd=tmp_path)

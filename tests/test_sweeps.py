@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,46 @@ def test_a_signal_after_a_jobs_training_stops_the_sweep_before_its_next_job(tmp_
     assert again.returncode == 0, again.stderr[-3000:]
     assert all(f"{job}: completed in an earlier run of this sweep; kept as it is" in again.stdout for job in first)
     check_finished(sweep, alone)
+
+
+def test_a_sweep_run_again_with_another_command_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    """Its jobs would find the earlier sweep's runs under their names: a changed config, fewer epochs, a checkpoint
+    that cannot be read and a file in a job's place are each exit 2, with the sweep's files untouched; more epochs
+    extend its completed jobs."""
+    sweep = tmp_path / "sweep"
+    lrs = ("-m", "+debug=smoke", "optimizer.lr=0.1,0.05", f"hydra.sweep.dir={sweep}")
+    assert run_cnnlab(*lrs, cwd=tmp_path).returncode == 0
+    before = {job.name: files(job) for job in sweep.iterdir() if job.is_dir()}
+
+    def refused(*extra: str) -> str:
+        done = run_cnnlab(*lrs, *extra, cwd=tmp_path)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert {job.name: files(job) for job in sweep.iterdir() if job.is_dir()} == before  # not a byte or time stamp
+        return " ".join(done.stderr.split())
+
+    said = refused("model=vgg_tiny")
+    assert "holds a sweep that this command cannot go on with, so nothing was run" in said
+    assert "job 0 (0_lr-0.1) was trained with model.name=lenet, not vgg_tiny" in said and "hydra.sweep.dir=<new dir>" in said
+    assert "job 1 (1_lr-0.05) has trained 2 epochs, more than trainer.epochs=1" in refused("trainer.epochs=1")
+
+    longer = run_cnnlab(*lrs, "trainer.epochs=3", cwd=tmp_path)  # completed jobs are extended, as a resume would
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    for job in ("0_lr-0.1", "1_lr-0.05"):
+        assert pd.read_csv(sweep / job / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
+        assert json.loads((sweep / job / "summary.json").read_text())["status"] == "completed"
+
+    record = sweep / "1_lr-0.05" / "summary.json"
+    record.write_text(record.read_text().replace('"status": "completed"', '"status": "interrupted"'))
+    (sweep / "1_lr-0.05" / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    before = {job.name: files(job) for job in sweep.iterdir() if job.is_dir()}
+    said = refused("trainer.epochs=3")
+    assert "job 1 (1_lr-0.05) must go on from its last checkpoint, which cannot be read" in said
+    assert f"move {sweep / '1_lr-0.05'} away to train it from its start" in said
+
+    shutil.rmtree(sweep / "1_lr-0.05")
+    (sweep / "1_lr-0.05").write_text("")
+    before = {job.name: files(job) for job in sweep.iterdir() if job.is_dir()}
+    assert "job 1 (1_lr-0.05) finds a file where its directory goes" in refused("trainer.epochs=3")
 
 
 def test_job_directories_are_short_safe_and_resume_takes_them(tmp_path: Path) -> None:

@@ -78,8 +78,8 @@ def train_group(members: list[Member], mode: str, describe: dict[str, Any], grap
     stopped: list[Interrupted] = []
     router = MemberLogs([m.log_files for m in members], [m.tag for m in members])
     with routed(router):
-        log.info("fused group of %d jobs (%s), training together: %s", len(members), mode,
-                 ", ".join(m.tag for m in members))
+        log.info("fused group of %d job%s (fuse=%s), training together: %s", len(members), "s" * (len(members) > 1),
+                 mode, ", ".join(m.tag for m in members))
         if mode != "loop" and members[0].state.run.trainer.compile:
             log.info("trainer.compile: the fused step is not compiled (its one step for all members is the gain); "
                      "the members' own models are compiled where they step alone")
