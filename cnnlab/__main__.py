@@ -101,8 +101,9 @@ def main() -> None:
         print(err.message, file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C (abort at once), or one between a sweep's jobs: no traceback
-        print("stopped by Ctrl-C; a run's last checkpoint, or a sweep's finished jobs, are kept: run the same command "
-              "again to go on", file=sys.stderr)
+        print("stopped by Ctrl-C, without waiting for a checkpoint. A run goes on from its last checkpoint with "
+              "trainer.resume=<its run directory> (one stopped before its first checkpoint starts over there); a sweep "
+              "goes on when its command is run again with its hydra.sweep.dir", file=sys.stderr)
         sys.exit(130)
 
 

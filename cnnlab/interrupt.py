@@ -11,13 +11,13 @@ log = logging.getLogger("cnnlab")
 
 class Interrupted(Exception):
     """Raised by fit() after it saved the interrupt checkpoint and wrote status: interrupted; or, with
-    finished, by a sweep's job that a signal reached after its training (job.py): the job is complete,
-    and the sweep stops before its next one."""
+    finished, by a sweep's job that a signal reached after its training (job.py): the job ended (completed,
+    or failed in its test score), and the sweep stops before its next one."""
 
     def __init__(self, signum: int, finished: bool = False) -> None:
         name = signal.Signals(signum).name
-        super().__init__(f"{name} came after this job's training, which is complete; the sweep stops before its "
-                         f"next job" if finished else f"interrupted by {name}")
+        super().__init__(f"{name} came after this job's training, so the job ended as its summary.json says; the "
+                         f"sweep stops before its next job" if finished else f"interrupted by {name}")
         self.signum, self.finished = signum, finished
 
     @property

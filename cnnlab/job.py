@@ -20,10 +20,10 @@ from cnnlab.checks import ConfigError
 from cnnlab.config import offer_registered_models, validate
 from cnnlab.interrupt import GracefulStop, Interrupted
 from cnnlab.launch import job_placement
-from cnnlab.precheck import check_command_line, varying_keys
+from cnnlab.precheck import check_command_line, naming_keys
 from cnnlab.record import RunRecord, Summary, read_summary
 from cnnlab.report import console_table
-from cnnlab.rerun import extends
+from cnnlab.rerun import kept
 from cnnlab.resume import resume_argv, resume_point, resumed_config
 from cnnlab.plugins import register_plugins
 from cnnlab.search.trial import trial_judge
@@ -57,7 +57,7 @@ def run_job(cfg: DictConfig) -> Summary | None:
         if kept is not None:
             return kept
         cfg.trainer.resume = str(run_dir)
-    record = None  # the run's record, once its directory is known for sure
+    record, stop = None, None  # the run's record, once its directory is known for sure; its signal catcher
     try:
         resume = cfg.trainer.get("resume")
         if resume:  # the checkpoint's config, changed only where this command line says
@@ -80,6 +80,7 @@ def run_job(cfg: DictConfig) -> Summary | None:
         raise
     except Exception as err:
         _failed(err, run_dir, overrides, record, multirun, world)
+        _stop_after(stop)  # a signal, then a failure it caused (a DataLoader's workers stopped by Ctrl-C)
         return None
     finally:
         distributed.teardown()
@@ -99,10 +100,10 @@ def _group_result(group: Session, num: int, run_dir: Path) -> Summary | None:
     return None if failed else summary
 
 
-def _stop_after(stop: GracefulStop) -> None:
+def _stop_after(stop: GracefulStop | None) -> None:
     """A signal that came after a sweep job's training (its test score, its plots) did not stop the job, which
-    is complete; it stops the sweep before its next job, as a signal during training would."""
-    if stop.requested():
+    ended as it would have; it stops the sweep before its next job, as a signal during training would."""
+    if stop is not None and stop.requested():
         raise Interrupted(stop.signum, finished=True)
 
 
@@ -136,7 +137,7 @@ def _finished_job(run_dir: Path, epochs: int) -> Summary | None:
         summary = read_summary(run_dir)
     except (OSError, ValueError, TypeError):
         return None
-    if not summary.finished or extends(summary, epochs):
+    if not kept(summary, epochs):
         return None
     print(f"{run_dir.name}: {summary.status} in an earlier run of this sweep; kept as it is")
     return summary
@@ -174,7 +175,8 @@ def checked_command_line(argv: list[str], env: MutableMapping[str, str]) -> list
     register_plugins()  # hydra/sweeper=optuna and hydra/launcher=fused, whatever kind of install this is
     given, argv = argv, resume_argv(argv)
     jobs = check_command_line(argv, _job_check(argv))  # every job composed and checked before anything runs
-    if len(jobs) > 1:  # for the sweep's jobs, in whatever process a launcher runs them
-        env[SWEEP_KEYS_ENV] = ",".join(varying_keys(jobs))  # job directories are named by what varies
+    keys = naming_keys(jobs)
+    if keys is not None:  # for the sweep's jobs, in whatever process a launcher runs them
+        env[SWEEP_KEYS_ENV] = ",".join(keys)  # job directories are named by what varies
         env[SWEEP_COMMAND_ENV] = shlex.join(given)  # what a stopped sweep is re-run with
     return argv

@@ -61,18 +61,28 @@ def check_command_line(argv: list[str], check_job: Callable[[DictConfig], None] 
         if multirun and not failures:
             _check_facets(base, jobs)
             if base.hydra.sweeper.get("_target_") == BASIC_SWEEPER:  # a search checks its own study's command
-                check_rerun(_sweep_dir(base), jobs, varying_keys(jobs), lambda n: validate(tasks[n]).to_dict())
+                check_rerun(_sweep_dir(base), jobs, naming_keys(jobs), lambda n: validate(tasks[n]).to_dict())
     if failures:
         raise ConfigError(_message(failures, len(jobs), multirun))
     return jobs
 
 
-def _sweep_dir(base: DictConfig) -> Path:
-    """The sweep directory Hydra will use (a timestamped default names one that is not there yet)."""
+def _sweep_dir(base: DictConfig) -> Path | None:
+    """The sweep directory Hydra will use, where its jobs' directories are cnnlab's (rundir.job_dir); None where
+    that is not known (a resolver only Hydra's run has, or the user's own hydra.sweep.subdir)."""
+    sweep = OmegaConf.to_container(base.hydra.sweep, resolve=False)
+    if sweep.get("subdir") != "${cnnlab.job_dir:${hydra.job.num}}":
+        return None
     try:
         return Path(str(OmegaConf.select(base, "hydra.sweep.dir", throw_on_resolution_failure=True)))
-    except Exception:  # noqa: BLE001 - a resolver only Hydra's run has: a new directory, nothing to check
-        return Path("/nonexistent/cnnlab-sweep")
+    except Exception:  # noqa: BLE001 - not resolvable before Hydra runs: a new directory, nothing to check
+        return None
+
+
+def naming_keys(jobs: list[list[str]]) -> list[str] | None:
+    """The keys that name a sweep's job directories (rundir.job_dir_name): those that vary, or None for a sweep
+    of one job, named by all its overrides."""
+    return varying_keys(jobs) if len(jobs) > 1 else None
 
 
 def compose_job(overrides: list[str]) -> DictConfig:
@@ -192,8 +202,8 @@ def _message(failures: list[tuple[int, list[str], str]], jobs: int, multirun: bo
     hint = ("; interval() gives floats, int(interval(low, high)) integers"
             if any("to Integer" in err for _, _, err in failures) else "")
     if len(failures) > 1 and len({err for _, _, err in failures}) == 1:  # one cause: said once
-        return (f"{'all' if len(failures) == jobs else len(failures)} of the {jobs} jobs of this sweep have this config "
-                f"error, so none was started: {failures[0][2]}{hint}")
+        which = "all" if len(failures) == jobs else f"{len(failures)} (jobs {', '.join(str(n) for n, _, _ in failures)})"
+        return f"{which} of the {jobs} jobs of this sweep have this config error, so none was started: {failures[0][2]}{hint}"
     shown = "; ".join(f"job {n} ({described(job)}): {err}" for n, job, err in failures[:MAX_SHOWN])
     more = f"; and {len(failures) - MAX_SHOWN} more" if len(failures) > MAX_SHOWN else ""
     verb = "has" if len(failures) == 1 else "have"

@@ -281,6 +281,10 @@ class RunRecord:
         s.resumes.append({"at": now(), "checkpoint": str(checkpoint) if checkpoint else None, "epoch": epoch, "step": step,
                           "epochs": epochs, "overrides": list(overrides)})
         s.status, s.config, s.host, s.pid = Status.RUNNING, config, platform.node(), os.getpid()
+        if s.started_at is None:  # its summary.json was lost (unreadable): what begin() wrote, from the config
+            model = config.get("model") or {}
+            s.model, s.dataset = model.get("_target_") or model.get("name"), (config.get("dataset") or {}).get("name")
+            s.started_at, s.cnnlab_version, s.torch_version = now(), cnnlab.__version__, torch.__version__
         s.error = s.interrupted_at = s.resume_command = s.diagnosis = s.finished_at = None
         s.diverged_epoch = s.diverged_step = s.hints = s.stopped_at_epoch = None
         s.test_loss = s.test_acc = s.test_checkpoint = s.feature_maps = None

@@ -26,13 +26,17 @@ from cnnlab.resume import CHANGEABLE
 from cnnlab.rundir import holds_a_run, job_dir_name
 
 MAX_SHOWN = 3  # jobs, and keys of one job, named in the message; the rest are counted
+# besides what a resume may change: where the data lies (a cluster job may stage it elsewhere each time, often through
+# ${oc.env:CNNLAB_DATA}), and the name that names the sweep's directory
+UNCOMPARED = (*CHANGEABLE, "dataset.root", "name")
 
 
-def check_rerun(sweep_dir: Path, jobs: Sequence[list[str]], varying: list[str],
+def check_rerun(sweep_dir: Path | None, jobs: Sequence[list[str]], varying: list[str] | None,
                 config_of: Callable[[int], dict[str, Any]]) -> None:
-    """ConfigError where this sweep's jobs do not match the runs their directories hold. config_of(num):
-    job num's validated config (RunConfig.to_dict), asked only for jobs that find a run."""
-    if not sweep_dir.is_dir():
+    """ConfigError where this sweep's jobs do not match the runs their directories hold. varying: the keys that
+    name its jobs' directories (rundir.job_dir_name); config_of(num): job num's validated config
+    (RunConfig.to_dict), asked only for jobs that find a run."""
+    if sweep_dir is None or not sweep_dir.is_dir():
         return
     problems: list[tuple[str, bool]] = []  # what is wrong with a job, and whether it is a mismatch of the command
     for num, job in enumerate(jobs):
@@ -51,9 +55,11 @@ def check_rerun(sweep_dir: Path, jobs: Sequence[list[str]], varying: list[str],
                       f"was run: {'; '.join(text for text, _ in problems[:MAX_SHOWN])}{more}{hint}")
 
 
-def extends(summary: Summary, epochs: int) -> bool:
-    """A completed run that a re-run's larger trainer.epochs extends (job.py resumes it, not keeps it)."""
-    return summary.status == Status.COMPLETED and epochs > (summary.epochs_completed or 0)
+def kept(summary: Summary, epochs: int) -> bool:
+    """A job an earlier run of the sweep finished, which a re-run keeps as it is; a completed one that a larger
+    trainer.epochs extends goes on (job.py resumes it, as trainer.resume would)."""
+    extended = summary.status == Status.COMPLETED and epochs > (summary.epochs_completed or 0)
+    return summary.finished and not extended
 
 
 def _problem(path: Path, config: Callable[[], dict[str, Any]]) -> tuple[str, bool] | None:
@@ -76,7 +82,7 @@ def _problem(path: Path, config: Callable[[], dict[str, Any]]) -> tuple[str, boo
     if done > epochs:
         return f"has trained {done} epochs, more than trainer.epochs={epochs}", True
     last = path / "checkpoints" / "last.pt"
-    if (summary.finished and not extends(summary, epochs)) or not last.exists():
+    if kept(summary, epochs) or not last.exists():
         return None  # kept as it is; or, stopped before its first checkpoint, it starts over in place
     try:
         load_checkpoint(last)
@@ -91,9 +97,8 @@ def _changed(recorded: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`key=old, not new` for each key both configs hold that differs, outside the keys a resume may change
     (a key only one holds is a newer or older cnnlab's, as resume.resumed_config takes it)."""
     old, now = _flat(json.loads(json.dumps(recorded))), _flat(json.loads(json.dumps(new)))
-    changeable = tuple(CHANGEABLE) + ("trainer.epochs",)
     return [f"{key}={old[key]}, not {now[key]}" for key in old
-            if key in now and old[key] != now[key] and not any(key == c or key.startswith(f"{c}.") for c in changeable)]
+            if key in now and old[key] != now[key] and not any(key == c or key.startswith(f"{c}.") for c in UNCOMPARED)]
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -45,6 +45,11 @@ def test_jobs_failing_for_one_cause_are_told_it_once(tmp_path: Path) -> None:
                            "Value '2.5' of type 'float' could not be converted to Integer; trainer.epochs takes a value "
                            "of type int")  # a key that exists: its type, not the list of keys
     assert said.count("could not be converted") == 1 and "Valid keys" not in said
+    some = run_cnnlab("-m", "+debug=smoke", "model=lenet,alexnet_original", "model.dropout=0,0.5",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert some.returncode == 2 and " ".join(some.stderr.split()).startswith(
+        "2 (jobs 2, 3) of the 4 jobs of this sweep have this config error, so none was started: input size 16x16 is too "
+        "small for alexnet_original")
 
 
 def test_a_job_whose_model_does_not_fit_the_data_is_found_before_the_sweep(tmp_path: Path) -> None:

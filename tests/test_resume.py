@@ -136,6 +136,19 @@ def test_a_second_ctrl_c_on_the_command_line_exits_130_without_a_traceback(tmp_p
     assert summary(run_dir)["status"] == "interrupted"
 
 
+def test_a_run_whose_summary_was_lost_is_resumed_with_its_record_rebuilt(tmp_path: Path) -> None:
+    """A damaged summary.json (a disk filled in the middle of a write): the resume goes on from the checkpoint and
+    writes a whole record again, what the run is included."""
+    run_dir = train(tmp_path, "run", *SMOKE)
+    (run_dir / "summary.json").write_text('{"status": "comp')
+    done = run_cnnlab(f"trainer.resume={run_dir}", "trainer.epochs=3", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = summary(run_dir)
+    assert record["status"] == "completed" and record["epochs_completed"] == 3
+    assert (record["model"], record["dataset"]) == ("lenet", "synthetic") and record["started_at"]
+    assert metrics(run_dir)["epoch"].tolist() == [1, 2, 3]
+
+
 def test_crash_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "last.pt"
     save_checkpoint(path, epoch=1, model={"w": torch.ones(3)})

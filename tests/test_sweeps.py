@@ -126,7 +126,8 @@ def test_a_signal_after_a_jobs_training_stops_the_sweep_before_its_next_job(tmp_
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     out = stopped.stdout + stopped.stderr
-    assert "SIGTERM came after this job's training, which is complete; the sweep stops before its next job" in out
+    assert "SIGTERM came after this job's training, so the job ended as its summary.json says; the sweep stops before " \
+           "its next job" in " ".join(out.split())
     assert "Traceback" not in out
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == first  # the next job never started
     assert all(json.loads((sweep / job / "summary.json").read_text())["status"] == "completed" for job in first)
@@ -152,6 +153,9 @@ def test_a_sweep_run_again_with_another_command_is_refused_before_anything_runs(
         assert {job.name: files(job) for job in sweep.iterdir() if job.is_dir()} == before  # not a byte or time stamp
         return " ".join(done.stderr.split())
 
+    moved = run_cnnlab(*lrs, "dataset.root=/staged/elsewhere", cwd=tmp_path)  # where the data lies is not compared
+    assert moved.returncode == 0 and "0_lr-0.1: completed in an earlier run of this sweep; kept as it is" in moved.stdout
+    before = {job.name: files(job) for job in sweep.iterdir() if job.is_dir()}
     said = refused("model=vgg_tiny")
     assert "holds a sweep that this command cannot go on with, so nothing was run" in said
     assert "job 0 (0_lr-0.1) was trained with model.name=lenet, not vgg_tiny" in said and "hydra.sweep.dir=<new dir>" in said
@@ -175,6 +179,16 @@ def test_a_sweep_run_again_with_another_command_is_refused_before_anything_runs(
     (sweep / "1_lr-0.05").write_text("")
     before = {job.name: files(job) for job in sweep.iterdir() if job.is_dir()}
     assert "job 1 (1_lr-0.05) finds a file where its directory goes" in refused("trainer.epochs=3")
+
+
+def test_a_one_job_sweep_finds_its_directory_by_all_its_overrides(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "0_debug-smoke_epochs-1").write_text("")  # where the job's directory goes: named by every override
+    done = run_cnnlab("-m", "+debug=smoke", "trainer.epochs=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "job 0 (0_debug-smoke_epochs-1) finds a file where its directory goes" in " ".join(done.stderr.split())
+    assert [p.name for p in sweep.iterdir()] == ["0_debug-smoke_epochs-1"]
 
 
 def test_job_directories_are_short_safe_and_resume_takes_them(tmp_path: Path) -> None:

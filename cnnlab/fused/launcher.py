@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -20,7 +20,7 @@ from cnnlab.config import validate
 from cnnlab.fused.grouping import plan_groups
 from cnnlab.fused.session import Session, active
 from cnnlab.fused.settings import FusedSettings
-from cnnlab.interrupt import GracefulStop, Interrupted
+from cnnlab.interrupt import GracefulStop
 from cnnlab.memory import available_bytes, gigabytes
 
 log = logging.getLogger("cnnlab")
@@ -52,8 +52,6 @@ def launch(settings: FusedSettings, context: HydraContext, task: TaskFunction, c
         else:
             # a group is named by its first job, unique in the sweep (a search launches its trials in batches)
             returns.update(_fused(settings, context, task, configs, group, {"group": jobs[0], "jobs": jobs}, reserved))
-        if any(_stopped(r) for r in returns.values()):
-            break  # a signal stopped the sweep: what is left runs when the command is run again
     return [returns[i] for i in sorted(returns)]
 
 
@@ -70,11 +68,9 @@ def _fused(settings: FusedSettings, context: HydraContext, task: TaskFunction, c
                     break
                 returns[index] = _run(context, task, configs[index])
             session.training = True
-            for index in group:
+            for index in group:  # a stop leaves through the task function (SystemExit, KeyboardInterrupt)
                 if int(configs[index].hydra.job.num) in session.members:
                     returns[index] = _run(context, task, configs[index])
-                    if _stopped(returns[index]):
-                        break
     return returns
 
 
@@ -83,10 +79,6 @@ def _run(context: HydraContext, task: TaskFunction, config: DictConfig) -> JobRe
                   job_subdir_key="hydra.sweep.subdir")
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     return ret
-
-
-def _stopped(ret: JobReturn) -> bool:
-    return ret.status == JobStatus.FAILED and isinstance(ret._return_value, (Interrupted, KeyboardInterrupt))
 
 
 def _by_memory(group: list[int], configs: list[DictConfig], settings: FusedSettings) -> list[tuple[list[int], float]]:

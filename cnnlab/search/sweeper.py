@@ -41,7 +41,9 @@ def run_sweep(config: DictConfig, launcher: Any, params: dict[str, str], setting
         search.run(launch, search.settings.n_jobs or launcher_parallelism(config.hydra.launcher), opened)
     except ConfigError as err:
         raise Refused(str(err)) from None
-    for result in returns:  # an interrupt inside a job (the Python API's Ctrl-C) ends the sweep, as in a grid
+    # an interrupt a launcher returns as a job's outcome ends the search, as in a grid (cnnlab's own task function
+    # raises it past Hydra's run_job: SystemExit on the command line, KeyboardInterrupt from Python)
+    for result in returns:
         if result.status == JobStatus.FAILED:
             try:
                 result.return_value
