@@ -5,7 +5,8 @@ resume (job.py). A job finds its directory by name (rundir.job_dir_name), so a c
 another model, would find the old sweep's runs under the same names and report them as its own. Here
 each job that finds a run in its directory is compared with it, and the whole command is refused (exit
 2, nothing run or written) when:
-- the run was trained with another config, outside the keys a resume may change (resume.CHANGEABLE);
+- the run was trained with another config, outside the keys a resume may change (resume.CHANGEABLE), where
+  the data lies and the sweep's name;
 - the run has trained more epochs than this command's trainer.epochs;
 - the run must go on (stopped, failed, or completed and now given more epochs) and its last checkpoint
   cannot be read;

@@ -165,8 +165,8 @@ def test_a_class_defined_in_main_needs_handing_over_in_a_new_process(in_tmp: Pat
     assert "cnnlab.load_run(dir).model(Class)" in evaluated.stderr
 
 
-def test_interrupting_the_kernel_checkpoints_and_the_named_call_goes_on(in_tmp: Path, monkeypatch) -> None:
-    """Jupyter's "interrupt kernel" is SIGINT: sent here from inside the 10th training step."""
+def interrupt_at_step(monkeypatch, n: int):
+    """Jupyter's "interrupt kernel" is SIGINT: sent from inside the nth training step. Returns what undoes it."""
     import signal
 
     import cnnlab.engine as engine
@@ -175,16 +175,21 @@ def test_interrupting_the_kernel_checkpoints_and_the_named_call_goes_on(in_tmp: 
 
     def step(self, images, train):
         steps[0] += train
-        if train and steps[0] == 10:
+        if train and steps[0] == n:
             os.kill(os.getpid(), signal.SIGINT)
         return inputs(self, images, train)
 
     monkeypatch.setattr(engine.StepContext, "inputs", step)
+    return lambda: monkeypatch.setattr(engine.StepContext, "inputs", inputs)
+
+
+def test_interrupting_the_kernel_checkpoints_and_the_named_call_goes_on(in_tmp: Path, monkeypatch) -> None:
+    undo = interrupt_at_step(monkeypatch, 10)
     with pytest.raises(KeyboardInterrupt, match=r"checkpoint saved. Continue with cnnlab.train\(\"trainer.resume=") as err:
         cnnlab.train("+debug=smoke", "dataset.train_size=2000", run_dir=in_tmp / "run", model=SimpleNN)
     run = cnnlab.load_run(in_tmp / "run")
     assert run.status == "interrupted" and run.summary["interrupted_at"]["step"] == 10
-    monkeypatch.setattr(engine.StepContext, "inputs", inputs)
+    undo()
     resume = str(err.value).split('cnnlab.train("')[1].split('")')[0]
     again = cnnlab.train(resume, model=SimpleNN)
     assert again.dir == run.dir and again.status == "completed"
@@ -194,24 +199,12 @@ def test_interrupting_the_kernel_checkpoints_and_the_named_call_goes_on(in_tmp: 
 def test_interrupting_the_kernel_stops_a_sweep_before_its_next_job(in_tmp: Path, monkeypatch) -> None:
     """One Ctrl-C in job 0's training: job 0 is checkpointed, and jobs 1 and 2 do not start (Hydra's basic launcher
     would run them, as it catches a job's Exception); the same call goes on with all three."""
-    import signal
-
-    import cnnlab.engine as engine
-
-    inputs, steps = engine.StepContext.inputs, [0]
-
-    def step(self, images, train):
-        steps[0] += train
-        if train and steps[0] == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return inputs(self, images, train)
-
-    monkeypatch.setattr(engine.StepContext, "inputs", step)
+    undo = interrupt_at_step(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt, match=r"checkpoint saved. Continue with the same cnnlab.sweep\(...\) call"):
         cnnlab.sweep("+debug=smoke", "optimizer.lr=0.1,0.05,0.01", sweep_dir=in_tmp / "sweep")
     assert sorted(p.name for p in (in_tmp / "sweep").iterdir() if p.is_dir()) == ["0_lr-0.1"]
     assert cnnlab.load_run(in_tmp / "sweep" / "0_lr-0.1").status == "interrupted"
-    monkeypatch.setattr(engine.StepContext, "inputs", inputs)
+    undo()
     again = cnnlab.sweep("+debug=smoke", "optimizer.lr=0.1,0.05,0.01", sweep_dir=in_tmp / "sweep")
     assert [r.status for r in again.runs] == ["completed"] * 3
     assert (again.runs[0].dir / "metrics.csv").read_text().count("\n") == 3  # a header and epochs 1, 2: none twice
