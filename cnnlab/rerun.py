@@ -5,8 +5,8 @@ resume (job.py). A job finds its directory by name (rundir.job_dir_name), so a c
 another model, would find the old sweep's runs under the same names and report them as its own. Here
 each job that finds a run in its directory is compared with it, and the whole command is refused (exit
 2, nothing run or written) when:
-- the run was trained with another config, outside the keys a resume may change (resume.CHANGEABLE), where
-  the data lies and the sweep's name;
+- the run was trained with another config, outside the keys a resume may change (resume.CHANGEABLE) and the
+  sweep's name;
 - the run has trained more epochs than this command's trainer.epochs;
 - the run must go on (stopped, failed, or completed and now given more epochs) and its last checkpoint
   cannot be read;
@@ -27,9 +27,9 @@ from cnnlab.resume import CHANGEABLE
 from cnnlab.rundir import holds_a_run, job_dir_name
 
 MAX_SHOWN = 3  # jobs, and keys of one job, named in the message; the rest are counted
-# besides what a resume may change: where the data lies (a cluster job may stage it elsewhere each time, often through
-# ${oc.env:CNNLAB_DATA}), and the name that names the sweep's directory
-UNCOMPARED = (*CHANGEABLE, "dataset.root", "name")
+# besides what a resume may change (where the data lies among them: a cluster job may stage it elsewhere each time,
+# often through ${oc.env:CNNLAB_DATA}), the name that names the sweep's directory
+UNCOMPARED = (*CHANGEABLE, "name")
 
 
 def check_rerun(sweep_dir: Path | None, jobs: Sequence[list[str]], varying: list[str] | None,

@@ -26,6 +26,7 @@ RESUME_KEY = "trainer.resume"
 CHANGEABLE = (
     "trainer.epochs", "trainer.resume", "trainer.device", "trainer.progress", "trainer.eval_batch_size",
     "dataset.loader", "dataset.num_workers",  # resident and streaming give the same batches
+    "dataset.root",  # where the data lies now (a cluster job that stages it elsewhere after a preemption)
     "trainer.num_threads", "trainer.compile", "trainer.compile_mode", "trainer.stop_when_stuck", "trainer.doctor_every", "viz", "report",
     "logger",  # trackers only mirror the run: switching them on or off on resume changes no result
 )

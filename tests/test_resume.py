@@ -251,6 +251,14 @@ def test_incompatible_resume_is_refused_and_the_run_kept(tmp_path: Path, finishe
     assert ((finished_run / "summary.json").read_text(), (finished_run / "metrics.csv").read_text()) == before
 
 
+def test_a_resume_may_find_the_data_elsewhere(tmp_path: Path, finished_run: Path) -> None:
+    """dataset.root says where the data lies now (staged on another disk after a preemption); the run goes on."""
+    done = run_cnnlab(f"trainer.resume={finished_run}", "trainer.epochs=3", "dataset.root=/staged/elsewhere", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert summary(finished_run)["config"]["dataset"]["root"] == "/staged/elsewhere"
+    assert metrics(finished_run)["epoch"].tolist() == [1, 2, 3]
+
+
 @pytest.fixture
 def finished_run(tmp_path: Path) -> Path:
     return train(tmp_path, "finished", "+debug=smoke")
