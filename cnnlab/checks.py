@@ -63,6 +63,11 @@ def is_whole(value: Any) -> bool:
     return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
 
 
+def under(key: str, keys: Iterable[str]) -> bool:
+    """Whether a dotted config key is one of `keys` or inside one (trainer.resume, viz.layer under viz)."""
+    return any(key == k or key.startswith(f"{k}.") for k in keys)
+
+
 def importable(module: str) -> bool:
     """Whether `module` can be imported, without importing it: optional extras are checked this way.
 

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab.checkpoint import load_checkpoint
-from cnnlab.checks import ConfigError
+from cnnlab.checks import ConfigError, under
 from cnnlab.record import Status, Summary, read_summary
+from cnnlab.report.sweep import flat_params
 from cnnlab.resume import CHANGEABLE
 from cnnlab.rundir import holds_a_run, job_dir_name
 
@@ -97,16 +98,6 @@ def _problem(path: Path, config: Callable[[], dict[str, Any]]) -> tuple[str, boo
 def _changed(recorded: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`key=old, not new` for each key both configs hold that differs, outside the keys a resume may change
     (a key only one holds is a newer or older cnnlab's, as resume.resumed_config takes it)."""
-    old, now = _flat(json.loads(json.dumps(recorded))), _flat(json.loads(json.dumps(new)))
+    old, now = flat_params(json.loads(json.dumps(recorded))), flat_params(json.loads(json.dumps(new)))
     return [f"{key}={old[key]}, not {now[key]}" for key in old
-            if key in now and old[key] != now[key] and not any(key == c or key.startswith(f"{c}.") for c in UNCOMPARED)]
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+            if key in now and old[key] != now[key] and not under(key, UNCOMPARED)]

@@ -18,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.checkpoint import atomic_write_text, load_checkpoint, restore_rng
-from cnnlab.checks import ConfigError
+from cnnlab.checks import ConfigError, under
 from cnnlab.record import read_summary
 
 RESUME_KEY = "trainer.resume"
@@ -117,7 +117,7 @@ def resumed_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str])
         new = OmegaConf.select(cfg, key)
         if new == OmegaConf.select(resumed, key):
             continue
-        if not any(key == c or key.startswith(f"{c}.") for c in CHANGEABLE):
+        if not under(key, CHANGEABLE):
             changed.append(f"{key} ({OmegaConf.select(resumed, key)} -> {new})")
             continue
         OmegaConf.update(resumed, key, new, merge=False)

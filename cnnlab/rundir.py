@@ -20,6 +20,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from cnnlab.checks import under
+
 RUN_FILES = ("summary.json", "metrics.csv", "checkpoints")  # any of them: the directory holds a run
 _claimed: dict[str, str] = {}  # base -> the directory this process claimed (a resolver may be asked again)
 _created: set[Path] = set()  # run directories this process made: the only ones `release` removes
@@ -94,7 +96,7 @@ def job_dir_name(num: int, overrides: list[str], varying: list[str] | None) -> s
     for text in overrides:
         override = parser.parse_override(text)
         key = override.key_or_group.lstrip("+~")
-        if (varying is not None and key not in varying) or any(key == u or key.startswith(u + ".") for u in UNNAMED):
+        if (varying is not None and key not in varying) or under(key, UNNAMED):
             continue
         pairs.append((key, _safe(override.get_value_element_as_str())))
     names = _short_keys([k for k, _ in pairs])

@@ -32,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-from cnnlab.checks import ConfigError, importable
+from cnnlab.checks import ConfigError, importable, under
 from cnnlab.record import Status, Summary
 
 log = logging.getLogger("cnnlab")
@@ -157,7 +157,7 @@ def flat_config(config: dict[str, Any]) -> dict[str, Any]:
     def walk(node: dict[str, Any], prefix: str) -> None:
         for key, value in node.items():
             name = f"{prefix}{key}"
-            if any(name == skip or name.startswith(f"{skip}.") for skip in NOT_HPARAMS):
+            if under(name, NOT_HPARAMS):
                 continue
             if isinstance(value, dict):
                 walk(value, f"{name}.")

@@ -99,7 +99,7 @@ def load_runs(paths: Sequence[Path]) -> list[Run]:
         except (OSError, ValueError, TypeError) as err:
             summary = Summary(status="unreadable", error=f"summary.json: {err}")
         overrides = _parse_overrides(summary.overrides or [])
-        params = _flatten(summary.config or {})
+        params = flat_params(summary.config or {})
         params.update({k: v for k, v in overrides.items() if k not in params and f"{k}.name" not in params})
         name = str(path.relative_to(root)) if path != root else path.name
         runs.append(Run(path, name, summary, params, list(overrides), _read_metrics(path)))
@@ -136,11 +136,12 @@ def _name_group_choices(runs: list[Run]) -> None:
         run.override_keys = [f"{k}.name" if k in keys_with_name else k for k in run.override_keys]
 
 
-def _flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_params(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A run's config as dotted keys, lists as one value (JSON text): what runs are compared by."""
     flat: dict[str, Any] = {}
     for key, value in node.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flat_params(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = _plain(value)
     return flat
