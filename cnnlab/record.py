@@ -89,7 +89,7 @@ class Summary:
     precision: str | None = None
     loader: str | None = None
     world_size: int | None = None
-    fused_group: dict[str, Any] | None = None  # trained in a fused group (hydra/launcher=fused): its jobs and how
+    fused_group: dict[str, Any] | None = None  # the fused group that trained it last (hydra/launcher=fused): its jobs and how
     # progress, after every epoch
     epochs_completed: int | None = None
     train_seconds: float | None = None
@@ -280,6 +280,8 @@ class RunRecord:
         s = self.summary
         s.resumes.append({"at": now(), "checkpoint": str(checkpoint) if checkpoint else None, "epoch": epoch, "step": step,
                           "epochs": epochs, "overrides": list(overrides)})
+        if s.fused_group:  # the group the epochs before this resume trained in; a group that takes the run on says so anew
+            s.resumes[-1]["fused_group"], s.fused_group = s.fused_group, None
         s.status, s.config, s.host, s.pid = Status.RUNNING, config, platform.node(), os.getpid()
         if s.started_at is None:  # its summary.json was lost (unreadable): what begin() wrote, from the config
             model = config.get("model") or {}

@@ -485,6 +485,12 @@ def test_a_stopped_fused_sweep_resumes_every_member(tmp_path: Path, smoke_alone:
     again = run_cnnlab(*command, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{jobs[1].name}: completed in an earlier run of this sweep; kept as it is" in again.stdout
+    # fused_group: the group that trained a run last; each resume keeps the one the run left
+    mode = "loop" if fuse == "auto" else fuse
+    first = {"group": 0, "jobs": [0, 1, 2], "mode": mode, "graph": False}
+    assert "fused_group" not in summary(jobs[1]) and summary(jobs[1])["resumes"][-1]["fused_group"] == first
+    for job in (jobs[0], jobs[2]):  # the same command took them on together
+        assert summary(job)["fused_group"] == {**first, "jobs": [0, 2]} and summary(job)["resumes"][-1]["fused_group"] == first
     for job in jobs:
         assert summary(job)["status"] == "completed" and len(summary(job)["resumes"]) >= 1
         pd.testing.assert_frame_equal(metrics(job)[["epoch", *CURVES]], metrics(smoke_alone / job.name)[["epoch", *CURVES]],

@@ -9,7 +9,6 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.types import HydraContext, TaskFunction
@@ -50,18 +49,17 @@ def launch(settings: FusedSettings, context: HydraContext, task: TaskFunction, c
         if len(group) == 1:
             returns[group[0]] = _run(context, task, configs[group[0]])
         else:
-            # a group is named by its first job, unique in the sweep (a search launches its trials in batches)
-            returns.update(_fused(settings, context, task, configs, group, {"group": jobs[0], "jobs": jobs}, reserved))
+            returns.update(_fused(settings, context, task, configs, group, reserved))
     return [returns[i] for i in sorted(returns)]
 
 
 def _fused(settings: FusedSettings, context: HydraContext, task: TaskFunction, configs: list[DictConfig],
-           group: list[int], describe: dict[str, Any], reserved: float) -> dict[int, JobReturn]:
+           group: list[int], reserved: float) -> dict[int, JobReturn]:
     """A group's jobs: each opened through run_job, then all trained on the first one's second run_job.
     reserved: the bytes the group's training steps take, by estimate, which its members' data leave free."""
     returns: dict[int, JobReturn] = {}
     with GracefulStop() as stop:  # one for the group: a signal checkpoints every member
-        session = Session(settings, describe, stop, reserved)
+        session = Session(settings, stop, reserved)
         with active(session):
             for index in group:
                 if stop.requested() and session.members:  # a signal: those not yet opened run on the next command

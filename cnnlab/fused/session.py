@@ -31,8 +31,8 @@ _SESSION: ContextVar[Session | None] = ContextVar("cnnlab_fused_session", defaul
 class Session:
     """One group's members, joined one job at a time, then trained together once."""
 
-    def __init__(self, settings: FusedSettings, describe: dict[str, Any], stop: GracefulStop, reserved: float = 0.0) -> None:
-        self.settings, self.describe, self.stop = settings, describe, stop
+    def __init__(self, settings: FusedSettings, stop: GracefulStop, reserved: float = 0.0) -> None:
+        self.settings, self.stop = settings, stop
         self.members: dict[int, Member] = {}
         # what the members load once (the dataset read, its splits placed), and the device memory their data must
         # leave to the group's steps (fit.opened_run)
@@ -52,8 +52,11 @@ class Session:
         if not self._trained:
             self._trained = True
             members = list(self.members.values())
+            # the jobs that train together (a re-run's completed jobs are kept, not joined), named by the first:
+            # unique in the sweep, as a search launches its trials in batches
+            describe = {"group": min(self.members), "jobs": sorted(self.members)}
             try:
-                train_group(members, self.settings.mode_on(members[0].state.device.type), self.describe,
+                train_group(members, self.settings.mode_on(members[0].state.device.type), describe,
                             self.settings.cuda_graphs)
             except BaseException as err:  # what broke the group's steps ends every member still open
                 for member in members:
