@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -110,6 +111,14 @@ class EpochState:
     def results(self) -> tuple[float, float, int]:
         """(mean loss, accuracy, images seen): the epoch's one host sync."""
         return self.loss_sum.item() / self.seen, self.correct.item() / self.seen, self.seen
+
+
+def settled(device: torch.device) -> float:
+    """time.perf_counter() once the device has run what was queued: a CUDA step returns before its kernels do,
+    and a captured step (one launch) lets the host run many steps ahead, so the steps' time would be short."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def run_steps(

@@ -36,7 +36,7 @@ from cnnlab.config import RunConfig
 from cnnlab.data import load_dataset
 from cnnlab.data.batches import head, place_data
 from cnnlab.distributed import World, world_from_env
-from cnnlab.engine import EpochState, Evaluation, evaluate, run_steps
+from cnnlab.engine import EpochState, Evaluation, evaluate, run_steps, settled
 from cnnlab.interrupt import GracefulStop, Interrupted
 from cnnlab.optim import build_optimizer, build_scheduler
 from cnnlab.record import RunRecord, Summary, claim
@@ -243,7 +243,7 @@ def _train_epoch(s: TrainState, epoch: int) -> EpochState:
     with notebook.progress_bar()(total=len(s.batches), initial=state.step, desc=f"epoch {epoch}/{t.epochs}", leave=False,
               delay=PROGRESS_DELAY_S, disable=not show, file=sys.stderr) as bar:
         run_steps(s.step_model, s.batches, s.ctx, s.optimizer, s.scheduler, state, bar, s.stopping, t.grad_clip)
-    close_epoch(s, epoch, state, time.perf_counter() - tic)
+    close_epoch(s, epoch, state, settled(s.device) - tic)
     return state
 
 

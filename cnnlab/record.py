@@ -280,7 +280,7 @@ class RunRecord:
         s = self.summary
         s.resumes.append({"at": now(), "checkpoint": str(checkpoint) if checkpoint else None, "epoch": epoch, "step": step,
                           "epochs": epochs, "overrides": list(overrides)})
-        if s.fused_group:  # the group the epochs before this resume trained in; a group that takes the run on says so anew
+        if s.fused_group and epoch < epochs:  # the group that trained it so far; a group that takes it on says so anew
             s.resumes[-1]["fused_group"], s.fused_group = s.fused_group, None
         s.status, s.config, s.host, s.pid = Status.RUNNING, config, platform.node(), os.getpid()
         if s.started_at is None:  # its summary.json was lost (unreadable): what begin() wrote, from the config

@@ -59,7 +59,7 @@ def train_together(root: Path, members: dict[str, tuple[str, ...]], mode: str, e
         run_dir.mkdir(parents=True)
         opened.append(open_member(name, run, run_dir, list(overrides), RunRecord.new(run_dir, list(overrides)),
                                   world_from_env(), None, stop, shared))
-    train_group(opened, mode, {"group": 0, "jobs": list(range(len(opened)))})
+    train_group(opened, mode, list(range(len(opened))))
     return {name: root / name for name in members}
 
 
@@ -130,7 +130,7 @@ def train_graphed(root: Path, members: dict, monkeypatch: pytest.MonkeyPatch, ex
         (root / name).mkdir(parents=True)
         opened.append(open_member(name, run, root / name, list(overrides), RunRecord.new(root / name, list(overrides)),
                                   world_from_env(), None, stop, shared))
-    train_group(opened, "wide", {"group": 0, "jobs": list(range(len(opened)))}, graphs=True)
+    train_group(opened, "wide", list(range(len(opened))), graphs=True)
     return {name: root / name for name in members}
 
 
@@ -160,6 +160,21 @@ def test_a_captured_step_trains_each_member_as_the_eager_fused_step(tmp_path: Pa
         assert ((a["train_loss"] - b["train_loss"]).abs() <= 1e-6 * b["train_loss"].abs()).all()
         assert summary(run_dir)["fused_group"]["graph"] is True and summary(eager[name])["fused_group"]["graph"] is False
         assert summary(run_dir)["test_acc"] == summary(eager[name])["test_acc"]
+
+
+def test_the_steps_time_is_read_once_the_device_has_run_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA step returns before its kernels run, and a captured step is one launch: the epoch's training time
+    (epoch_seconds, images_per_second; lone runs, fused groups and loops alike) is read after a synchronize."""
+    import time
+
+    from cnnlab import engine
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: (waited.append(device), time.sleep(0.2)))
+    tic = time.perf_counter()
+    assert engine.settled(torch.device("cuda", 0)) - tic >= 0.2 and waited == [torch.device("cuda", 0)]
+    engine.settled(torch.device("cpu"))
+    assert waited == [torch.device("cuda", 0)]  # nothing to wait for on the CPU
 
 
 def test_a_graph_never_captured_is_not_claimed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -485,12 +500,20 @@ def test_a_stopped_fused_sweep_resumes_every_member(tmp_path: Path, smoke_alone:
     again = run_cnnlab(*command, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{jobs[1].name}: completed in an earlier run of this sweep; kept as it is" in again.stdout
-    # fused_group: the group that trained a run last; each resume keeps the one the run left
-    mode = "loop" if fuse == "auto" else fuse
-    first = {"group": 0, "jobs": [0, 1, 2], "mode": mode, "graph": False}
+    # fused_group: the group that trained a run last; each resume keeps the one the run had
+    first = {"group": 0, "jobs": [0, 1, 2], "mode": "loop" if fuse == "auto" else fuse, "graph": False}
     assert "fused_group" not in summary(jobs[1]) and summary(jobs[1])["resumes"][-1]["fused_group"] == first
-    for job in (jobs[0], jobs[2]):  # the same command took them on together
-        assert summary(job)["fused_group"] == {**first, "jobs": [0, 2]} and summary(job)["resumes"][-1]["fused_group"] == first
+    at = {n: (summary(jobs[n])["resumes"][-1]["epoch"], summary(jobs[n])["resumes"][-1]["step"]) for n in (0, 2)}
+    # in a loop member 0 was stopped after its training, member 2 before its epoch 2; fused, both at one step
+    assert (at[0][0], at[2][0]) == ((2, 1) if fuse == "auto" else (1, 1)) and (fuse == "auto") == (at[0] != at[2])
+    for n in (0, 2):
+        resume = summary(jobs[n])["resumes"][-1]
+        if at[n][0] == 2:  # nothing left to train: no group took it on
+            assert summary(jobs[n])["fused_group"] == first and "fused_group" not in resume
+        else:  # the members resumed at one point train together
+            together = [k for k in (0, 2) if at[k] == at[n]]
+            assert summary(jobs[n])["fused_group"] == {**first, "group": together[0], "jobs": together}
+            assert resume["fused_group"] == first
     for job in jobs:
         assert summary(job)["status"] == "completed" and len(summary(job)["resumes"]) >= 1
         pd.testing.assert_frame_equal(metrics(job)[["epoch", *CURVES]], metrics(smoke_alone / job.name)[["epoch", *CURVES]],
@@ -607,5 +630,5 @@ def test_a_signal_while_a_group_opens_its_jobs_stops_opening_the_rest(monkeypatc
 
     monkeypatch.setattr(launcher, "_run", run)
     configs = [OmegaConf.create({"hydra": {"job": {"num": i}}}) for i in range(3)]
-    launcher._fused(FusedSettings(), None, None, configs, [0, 1, 2], {"group": 0, "jobs": [0, 1, 2]}, 0.0)
+    launcher._fused(FusedSettings(), None, None, configs, [0, 1, 2], 0.0)
     assert calls == [("open", 0), ("train", 0)]

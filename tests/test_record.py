@@ -73,6 +73,22 @@ def test_a_resume_clears_the_previous_ending(tmp_path: Path) -> None:
     assert resumed["resumes"][0]["epoch"] == 1 and resumed["epochs_completed"] == 1
 
 
+@pytest.mark.parametrize("epoch, moved", [(1, True), (3, False)])
+def test_a_resume_keeps_the_fused_group_that_trained_the_run_so_far(tmp_path: Path, epoch: int, moved: bool) -> None:
+    """fused_group is the group that trained a run last: a resume with epochs left moves it into its resumes entry
+    (a group that takes the run on records its own); one with none left (stopped after its training) keeps it."""
+    group = {"group": 0, "jobs": [0, 1], "mode": "wide", "graph": True}
+    first = RunRecord.new(tmp_path, [])
+    first.begin("lenet", "synthetic", {})
+    first.built(fused_group=group)
+    first.epoch_done(epoch, 1.0, 2.0, 0.2, None, None)
+    first.interrupted(epoch, 0, 1.5, "python -m cnnlab trainer.resume=...")
+    RunRecord.for_resume(tmp_path, []).resumed(tmp_path / "checkpoints" / "last.pt", epoch, 0, 3, [], {})
+    resumed = read(tmp_path)
+    assert resumed.get("fused_group") == (None if moved else group)
+    assert resumed["resumes"][0].get("fused_group") == (group if moved else None)
+
+
 def test_a_record_left_running_by_a_dead_process_reads_as_killed(tmp_path: Path) -> None:
     record = RunRecord.new(tmp_path, [])
     with claim(tmp_path):

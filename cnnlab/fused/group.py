@@ -21,6 +21,7 @@ import torch
 from cnnlab import fit
 from cnnlab.config import RunConfig
 from cnnlab.distributed import World
+from cnnlab.engine import settled
 from cnnlab.fused.graph import GraphedSteps, graphable
 from cnnlab.fused.logs import MemberLogs, job_log_files, routed
 from cnnlab.fused.optim import Updates, member_updates
@@ -69,12 +70,10 @@ def open_member(tag: str, run: RunConfig, run_dir: Path, overrides: list[str], r
     return Member(tag, state, generator, job_log_files(), closer)
 
 
-def train_group(members: list[Member], mode: str, describe: dict[str, Any], graphs: bool = False) -> None:
+def train_group(members: list[Member], mode: str, jobs: list[int], graphs: bool = False) -> None:
     """Train the opened members to their ends; each member's summary is set. Raises Interrupted after a
-    signal has checkpointed every member. mode: wide|vmap|loop (settings.py, steps.py); graphs: capture the
-    fused step as a CUDA graph where it can be (graph.py)."""
-    for m in members:
-        m.state.record.built(fused_group={**describe, "mode": mode, "graph": False})
+    signal has checkpointed every member. mode: wide|vmap|loop (settings.py, steps.py); jobs: each member's job
+    number; graphs: capture the fused step as a CUDA graph where it can be (graph.py)."""
     stopped: list[Interrupted] = []
     router = MemberLogs([m.log_files for m in members], [m.tag for m in members])
     with routed(router):
@@ -83,11 +82,12 @@ def train_group(members: list[Member], mode: str, describe: dict[str, Any], grap
         if mode != "loop" and members[0].state.run.trainer.compile:
             log.info("trainer.compile: the fused step is not compiled (its one step for all members is the gain); "
                      "the members' own models are compiled where they step alone")
-        positions: dict[tuple[int, int], list[Member]] = {}
-        for m in members:  # members resumed at different points (one resumed alone) train in turn
-            positions.setdefault((m.state.done, m.state.partial.step if m.state.partial else 0), []).append(m)
+        positions: dict[tuple[int, int], list[int]] = {}
+        for i, m in enumerate(members):  # members resumed at different points (one resumed alone) train in turn
+            positions.setdefault((m.state.done, m.state.partial.step if m.state.partial else 0), []).append(i)
         for part in positions.values():
-            _train_part(part, mode, graphs, router, members, stopped)
+            _record_part([members[i] for i in part], mode, [jobs[i] for i in part])
+            _train_part([members[i] for i in part], mode, graphs, router, members, stopped)
     if stopped:
         raise stopped[0]
 
@@ -179,6 +179,14 @@ def _stacked(members: list[Member], form: str, graphs: bool) -> Fused:
         raise
 
 
+def _record_part(part: list[Member], mode: str, jobs: list[int]) -> None:
+    """fused_group of the members that train together (named by the first); a part with no epochs left (stopped
+    after its training) trains nothing here, and keeps the group that trained it."""
+    if part[0].state.done < part[0].state.run.trainer.epochs:
+        for m in part:
+            m.state.record.built(fused_group={"group": min(jobs), "jobs": sorted(jobs), "mode": mode, "graph": False})
+
+
 def _record_mode(members: list[Member], mode: str, graph: bool | None = None) -> None:
     """The form the members' group took; graph: some of their steps were replayed from a CUDA graph (None: as
     recorded so far). A graph built but never captured (too few full batches) is not claimed."""
@@ -199,7 +207,7 @@ def _epoch(active: list[Member], epoch: int, fused: Fused | None, router: Member
         fused_epoch(stepper, fused.stacked, fused.updates, fused.graph)
         if fused.graph is not None and fused.graph.replay is not None:  # before any member ends: its summary says so
             _record_mode(active, fused.stacked.form, True)
-        seconds = [time.perf_counter() - tic] * len(active)  # the members' one step took the group's time
+        seconds = [settled(active[0].state.device) - tic] * len(active)  # the members' one step took the group's time
     else:
         seconds = loop_epoch(stepper)  # each its own epoch's time
     went_on = []

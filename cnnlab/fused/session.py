@@ -52,11 +52,8 @@ class Session:
         if not self._trained:
             self._trained = True
             members = list(self.members.values())
-            # the jobs that train together (a re-run's completed jobs are kept, not joined), named by the first:
-            # unique in the sweep, as a search launches its trials in batches
-            describe = {"group": min(self.members), "jobs": sorted(self.members)}
-            try:
-                train_group(members, self.settings.mode_on(members[0].state.device.type), describe,
+            try:  # the jobs joined (a re-run's completed jobs are kept, not joined)
+                train_group(members, self.settings.mode_on(members[0].state.device.type), list(self.members),
                             self.settings.cuda_graphs)
             except BaseException as err:  # what broke the group's steps ends every member still open
                 for member in members:

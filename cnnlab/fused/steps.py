@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cnnlab.engine import EpochState, run_steps
+from cnnlab.engine import EpochState, run_steps, settled
 from cnnlab.fused.graph import GraphedSteps
 from cnnlab.fused.optim import Updates
 from cnnlab.fused.stacked import StackedModels
@@ -61,7 +61,7 @@ def loop_epoch(step: Stepper) -> list[float]:
             with member_rng(generator):
                 run_steps(s.step_model, s.batches, s.ctx, s.optimizer, s.scheduler, state, None, step.stop,
                           s.run.trainer.grad_clip)
-        seconds.append(time.perf_counter() - tic)
+        seconds.append(settled(s.device) - tic)
     return seconds
 
 
