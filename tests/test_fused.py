@@ -514,6 +514,9 @@ def test_a_stopped_fused_sweep_resumes_every_member(tmp_path: Path, smoke_alone:
             together = [k for k in (0, 2) if at[k] == at[n]]
             assert summary(jobs[n])["fused_group"] == {**first, "group": together[0], "jobs": together}
             assert resume["fused_group"] == first
+            said = f"fused group of {len(together)} job{'s' * (len(together) > 1)} (fuse={first['mode']}), training " \
+                   f"together: {', '.join(f'job {k}' for k in together)}"
+            assert said in (jobs[n] / "train.log").read_text()
     for job in jobs:
         assert summary(job)["status"] == "completed" and len(summary(job)["resumes"]) >= 1
         pd.testing.assert_frame_equal(metrics(job)[["epoch", *CURVES]], metrics(smoke_alone / job.name)[["epoch", *CURVES]],

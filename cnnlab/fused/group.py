@@ -77,8 +77,6 @@ def train_group(members: list[Member], mode: str, jobs: list[int], graphs: bool 
     stopped: list[Interrupted] = []
     router = MemberLogs([m.log_files for m in members], [m.tag for m in members])
     with routed(router):
-        log.info("fused group of %d job%s (fuse=%s), training together: %s", len(members), "s" * (len(members) > 1),
-                 mode, ", ".join(m.tag for m in members))
         if mode != "loop" and members[0].state.run.trainer.compile:
             log.info("trainer.compile: the fused step is not compiled (its one step for all members is the gain); "
                      "the members' own models are compiled where they step alone")
@@ -86,7 +84,7 @@ def train_group(members: list[Member], mode: str, jobs: list[int], graphs: bool 
         for i, m in enumerate(members):  # members resumed at different points (one resumed alone) train in turn
             positions.setdefault((m.state.done, m.state.partial.step if m.state.partial else 0), []).append(i)
         for part in positions.values():
-            _record_part([members[i] for i in part], mode, [jobs[i] for i in part])
+            _begin_part([members[i] for i in part], mode, [jobs[i] for i in part])
             _train_part([members[i] for i in part], mode, graphs, router, members, stopped)
     if stopped:
         raise stopped[0]
@@ -179,12 +177,15 @@ def _stacked(members: list[Member], form: str, graphs: bool) -> Fused:
         raise
 
 
-def _record_part(part: list[Member], mode: str, jobs: list[int]) -> None:
-    """fused_group of the members that train together (named by the first); a part with no epochs left (stopped
-    after its training) trains nothing here, and keeps the group that trained it."""
-    if part[0].state.done < part[0].state.run.trainer.epochs:
-        for m in part:
-            m.state.record.built(fused_group={"group": min(jobs), "jobs": sorted(jobs), "mode": mode, "graph": False})
+def _begin_part(part: list[Member], mode: str, jobs: list[int]) -> None:
+    """The members that train together, on the console and in their fused_group (named by the first); a part with
+    no epochs left (stopped after its training) trains nothing here, and keeps the group that trained it."""
+    if part[0].state.done >= part[0].state.run.trainer.epochs:
+        return
+    log.info("fused group of %d job%s (fuse=%s), training together: %s", len(part), "s" * (len(part) > 1), mode,
+             ", ".join(m.tag for m in part))
+    for m in part:
+        m.state.record.built(fused_group={"group": min(jobs), "jobs": sorted(jobs), "mode": mode, "graph": False})
 
 
 def _record_mode(members: list[Member], mode: str, graph: bool | None = None) -> None:
