@@ -14,7 +14,8 @@
 #   RN (ResNet-18 training images, N), STAGES (which of smoke,step,bench to run: two calls can split them).
 #   Within 15 minutes of device time, two calls on one warm machine fit (the second within its 30 s idle):
 #     STAGES=smoke,step,bench PARTS=long BENCH_S=250 (timeout ~380), then STAGES=bench PARTS=grid BENCH_S=330
-#     (timeout ~360): 251 s and 243 s on 2026-11-27; the ResNet-18 rows (PARTS=resnet RN=25000, ~90 s) met their goal on 2026-11-27 and can wait.
+#     (timeout ~360): 251 s and 243 s on 2026-11-27; the ResNet-18 rows (PARTS=resnet RN=25000, ~90 s) met
+#     their goal on 2026-11-27 and can wait.
 #     Each sweep's directory is cleared before it is timed (benchmarks/sweep.py).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
@@ -32,7 +33,7 @@ python3 -m cnnlab $G hydra.sweep.dir=$S/alone > $S/alone.log 2>&1; echo "alone r
 python3 -m cnnlab -m +debug=smoke trainer.device=$DEV model=resnet20 trainer.precision=bf16 trainer.seed=0,1 hydra/launcher=fused hydra.launcher.fuse=${FUSE:-auto} hydra.sweep.dir=$S/resnet > $S/resnet.log 2>&1; echo "resnet rc=$?"
 # without dropout the fused step is a CUDA graph (fused/graph.py): against the same group stepping eagerly, both
 # with trainer.deterministic=true (cudnn's autotuning picks kernels per process, and its summation order alone
-# sends the relu + cross-entropy members at lr 0.1 apart, eager run against eager run: measured 2026-11-27)
+# sends the relu + cross-entropy members apart, eager run against eager run: measured 2026-11-27)
 Q="-m +debug=smoke trainer.device=$DEV trainer.deterministic=true dataset.train_size=3000 optimizer.lr=0.1,0.05 model.activation=relu,tanh loss=mse,cross_entropy hydra/launcher=fused"
 python3 -m cnnlab $Q hydra.sweep.dir=$S/graph > $S/graph.log 2>&1; echo "graph rc=$?"
 python3 -m cnnlab $Q hydra.launcher.cuda_graphs=false hydra.sweep.dir=$S/eager > $S/eager.log 2>&1; echo "eager rc=$?"

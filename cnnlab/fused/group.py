@@ -80,12 +80,13 @@ def train_group(members: list[Member], mode: str, jobs: list[int], graphs: bool 
         if mode != "loop" and members[0].state.run.trainer.compile:
             log.info("trainer.compile: the fused step is not compiled (its one step for all members is the gain); "
                      "the members' own models are compiled where they step alone")
-        positions: dict[tuple[int, int], list[int]] = {}
-        for i, m in enumerate(members):  # members resumed at different points (one resumed alone) train in turn
-            positions.setdefault((m.state.done, m.state.partial.step if m.state.partial else 0), []).append(i)
-        for part in positions.values():
-            _begin_part([members[i] for i in part], mode, [jobs[i] for i in part])
-            _train_part([members[i] for i in part], mode, graphs, router, members, stopped)
+        positions: dict[tuple[int, int], list[tuple[Member, int]]] = {}
+        for m, job in zip(members, jobs):  # members resumed at different points (one resumed alone) train in turn
+            positions.setdefault((m.state.done, m.state.partial.step if m.state.partial else 0), []).append((m, job))
+        for pairs in positions.values():
+            part = [m for m, _ in pairs]
+            _begin_part(part, mode, [job for _, job in pairs])
+            _train_part(part, mode, graphs, router, members, stopped)
     if stopped:
         raise stopped[0]
 
